@@ -1,0 +1,1498 @@
+#!/usr/bin/env python3
+"""selchat: a console chat in one file, server and client, standard library only.
+
+Run ``python selchat.py server`` on one machine and
+``python selchat.py client --nick alice`` on the others.
+
+The wire protocol
+-----------------
+Every message travels in a *frame*: a 10-byte header holding the payload length
+in ASCII decimal digits (left-aligned and padded with spaces, ``b"5         "``;
+right-aligned or zero-padded lengths are accepted too), then the payload, UTF-8.
+
+* A payload without ``"\\0"`` is a *service message* (server to client) or a
+  *command* starting with ``/`` (client to server).
+* A payload with ``"\\0"`` is a *chat message*: ``time "\\0" nick "\\0" text``,
+  split on the first two ``"\\0"`` only. ``time`` is ISO-8601 with a UTC offset,
+  written by the sending client; each reader shows it in its own time zone.
+
+A session: the client connects and sends its nickname as the first frame; the
+server answers with a welcome service message (or a reason, and closes), then
+relays every chat message to everyone else, with the nickname field set to the
+sender's registered nickname. ``<quit<`` (or Ctrl+D, Ctrl+C) leaves.
+
+What selchat does not do
+------------------------
+It does not encrypt or authenticate: anyone who can reach the port can join
+under any free nickname and read the room. There are no accounts, no private
+rooms and no stored history: what happens while you are away is gone. Run it on
+networks you trust, or behind an ssh tunnel.
+
+Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
+reader's time zone; without them the standard library's idea of local time is
+used (which follows ``TZ``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import datetime as dt
+import errno
+import functools
+import itertools
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import unicodedata
+import zlib
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__version__ = "1.0.0"
+
+# ---------------------------------------------------------------------------
+# Constants and colours
+# ---------------------------------------------------------------------------
+
+HEADER_SIZE = 10
+MAX_HEADER_LENGTH = 10**HEADER_SIZE - 1
+DEFAULT_HOST = ""
+DEFAULT_CLIENT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9009
+DEFAULT_MAX_MESSAGE = 1 << 20
+DEFAULT_MAX_QUEUE = 16 << 20
+DEFAULT_MAX_CLIENTS = 10_000
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+MAX_NICK_LENGTH = 32
+# A nickname frame longer than this cannot hold 32 code points of UTF-8.
+MAX_NICK_BYTES = MAX_NICK_LENGTH * 4
+QUIT_COMMAND = "<quit<"
+SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
+# How long the server keeps delivering what it owes after SIGINT/SIGTERM, and
+# how long a connection being closed may take to take its last notice.
+SHUTDOWN_GRACE = 2.0
+CLOSE_GRACE = 2.0
+# One recv() this large drains a busy socket in few calls and holds many frames
+# that are then relayed together.
+RECV_SIZE = 256 * 1024
+# Frames announced larger than this are read with recv_into() a buffer of their
+# own size instead of being assembled from pieces.
+LARGE_FRAME = 64 * 1024
+# The client refuses frames larger than this from a server.
+CLIENT_MAX_FRAME = 256 << 20
+LISTEN_BACKLOG = 4096
+HOUSEKEEPING_INTERVAL = 0.25
+# Join and leave notices are coalesced per turn of the event loop; at most this
+# many names are spelled out in one notice.
+NOTICE_NAMES = 10
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
+
+RESET = "\x1b[0m"
+BOLD_RED = "\x1b[1;31m"
+# SGR colours for nicknames: every foreground colour but red (31, 91), which
+# belongs to service messages, and black/white, which vanish on some themes.
+NICK_COLORS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96",
+               "1;32", "1;33", "1;34", "1;35", "1;36")
+
+
+# ---------------------------------------------------------------------------
+# Framing
+# ---------------------------------------------------------------------------
+
+class ProtocolError(ValueError):
+    """A peer sent something that is not a well-formed selchat frame."""
+
+
+def parse_header(header: bytes) -> int:
+    """Return the payload length a 10-byte header announces.
+
+    With spaces removed from both ends the header must be a non-empty run of
+    ASCII digits; ``int()`` alone would also take signs, underscores and
+    non-ASCII digits.
+    """
+    digits = header.strip(b" ")
+    if not digits.isdigit():  # bytes.isdigit() is ASCII-only
+        raise ProtocolError("bad frame header %r" % bytes(header))
+    return int(digits)
+
+
+def frame_header(length: int) -> bytes:
+    return b"%-10d" % length
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Prefix ``payload`` with its header."""
+    if len(payload) > MAX_HEADER_LENGTH:
+        raise ValueError("payload too long for a frame")
+    return b"%-10d" % len(payload) + payload
+
+
+class FrameDecoder:
+    """Turns a byte stream cut at arbitrary points back into payloads.
+
+    Used by the client and the tests; the server does the same job in
+    ``ChatServer._consume`` without copying whole frames.
+    """
+
+    def __init__(self, max_size: int = 0) -> None:
+        self.max_size = max_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> List[bytes]:
+        buffer = self._buffer
+        buffer += data
+        payloads = []
+        pos = 0
+        while len(buffer) - pos >= HEADER_SIZE:
+            length = parse_header(bytes(buffer[pos:pos + HEADER_SIZE]))
+            if self.max_size and length > self.max_size:
+                raise ProtocolError("frame of %d bytes is over the limit of %d"
+                                    % (length, self.max_size))
+            end = pos + HEADER_SIZE + length
+            if end > len(buffer):
+                break
+            payloads.append(bytes(buffer[pos + HEADER_SIZE:end]))
+            pos = end
+        if pos:
+            del buffer[:pos]
+        return payloads
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished frame held so far."""
+        return len(self._buffer)
+
+
+# ---------------------------------------------------------------------------
+# Messages: pack, unpack, time, sanitise
+# ---------------------------------------------------------------------------
+
+def pack_message(text: str, nick: str, when: Optional[dt.datetime] = None) -> bytes:
+    """Payload of a chat message, stamped with ``when`` (default: now)."""
+    stamp = now_stamp() if when is None else when.isoformat(timespec="seconds")
+    return "\0".join((stamp, nick, text)).encode("utf-8", "surrogatepass")
+
+
+def unpack_message(payload: bytes) -> Tuple[Optional[str], Optional[str], str]:
+    """Split a payload into (time, nick, text); a service message has no time or nick."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("payload is not valid UTF-8: %s" % exc) from None
+    if "\0" not in text:
+        return None, None, text
+    parts = text.split("\0", 2)
+    if len(parts) == 2:
+        return parts[0], parts[1], ""
+    return parts[0], parts[1], parts[2]
+
+
+@functools.lru_cache(maxsize=None)
+def local_zone() -> Optional[dt.tzinfo]:
+    """The reader's time zone from tzlocal when installed, else None (use the C library's)."""
+    try:
+        import tzlocal  # optional extra; returns a zoneinfo or pytz zone
+        zone: Optional[dt.tzinfo] = tzlocal.get_localzone()
+        return zone
+    except Exception:  # not installed, or it cannot make sense of this system
+        return None
+
+
+def _to_zone(moment: dt.datetime, tz: Optional[dt.tzinfo]) -> dt.datetime:
+    # datetime.astimezone() goes through tz.fromutc(), which pytz zones implement
+    # correctly, so zoneinfo and pytz zones are handled alike.
+    return moment.astimezone(tz) if tz is not None else moment.astimezone()
+
+
+def now_stamp() -> str:
+    """The current local time as ISO-8601 with its UTC offset, to the second."""
+    now = _to_zone(dt.datetime.now(dt.timezone.utc), local_zone())
+    return now.isoformat(timespec="seconds")
+
+
+def parse_stamp(stamp: str) -> dt.datetime:
+    """Read an ISO-8601 time with a UTC offset; ValueError when it is not one."""
+    text = stamp.strip()
+    if text[-1:] in ("Z", "z"):  # fromisoformat() takes "Z" only from 3.11 on
+        text = text[:-1] + "+00:00"
+    moment = dt.datetime.fromisoformat(text)
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("time without a UTC offset")
+    return moment
+
+
+def format_time(stamp: str, now: Optional[dt.datetime] = None,
+                tz: Optional[dt.tzinfo] = None) -> str:
+    """Show a sender's time in the reader's zone: HH:MM:SS today, else with the date.
+
+    ``tz`` defaults to the local zone. A time that cannot be read is returned as
+    received, sanitised.
+    """
+    zone = tz if tz is not None else local_zone()
+    try:
+        local = _to_zone(parse_stamp(stamp), zone)
+        today = _to_zone(now if now is not None else dt.datetime.now(dt.timezone.utc), zone)
+    except (ValueError, OverflowError, OSError):
+        return sanitize(stamp)
+    if local.date() == today.date():
+        return local.strftime("%H:%M:%S")
+    return local.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _escape_table() -> Dict[int, str]:
+    table = {code: "\\x%02x" % code for code in itertools.chain(range(0x20), range(0x7F, 0xA0))}
+    # Bidirectional controls (they reorder what follows them, "Trojan Source")
+    # and the Unicode line and paragraph separators.
+    for code in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+                 0x2028, 0x2029):
+        table[code] = "\\u%04x" % code
+    return table
+
+
+_ESCAPES = _escape_table()
+
+
+def sanitize(text: str) -> str:
+    """Make untrusted text inert for a terminal.
+
+    C0 and C1 controls, DEL and ESC (so every escape sequence) become ``\\xHH``;
+    bidirectional controls and line/paragraph separators become ``\\uXXXX``.
+    Printable text, emoji and every script are left as they are.
+    """
+    return text.translate(_ESCAPES)
+
+
+def nick_color(nick: str) -> str:
+    """An SGR colour for ``nick``: the same on every machine, never red."""
+    digest = zlib.crc32(nick.encode("utf-8", "surrogatepass"))
+    return NICK_COLORS[digest % len(NICK_COLORS)]
+
+
+def check_nick(nick: str) -> Optional[str]:
+    """Why ``nick`` cannot be a nickname, or None when it can."""
+    if not 1 <= len(nick) <= MAX_NICK_LENGTH:
+        return "must be 1 to %d characters" % MAX_NICK_LENGTH
+    for char in nick:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp"):
+            return "must not contain whitespace, control or format characters"
+    return None
+
+
+def plural(count: int, word: str) -> str:
+    return "%d %s%s" % (count, word, "" if count == 1 else "s")
+
+
+def log(message: str) -> None:
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        sys.stderr.write("%s selchat: %s\n" % (stamp, message))
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr gone: keep serving
+        pass
+
+
+def _utf8_valid(buffer: Any, start: int, stop: int) -> bool:
+    """Whether buffer[start:stop] is UTF-8, without decoding a large one in one piece."""
+    view = memoryview(buffer)[start:stop]
+    try:
+        if stop - start <= LARGE_FRAME:
+            str(view, "utf-8")
+        else:
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            for offset in range(0, stop - start, LARGE_FRAME):
+                decoder.decode(view[offset:offset + LARGE_FRAME])
+            decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+Buffer = Any  # bytes, bytearray or memoryview: anything socket.sendmsg() takes
+
+
+class Connection:
+    """One client socket and the state that belongs to it."""
+
+    __slots__ = ("sock", "address", "nick", "nick_bytes", "nick_key", "tail", "large",
+                 "large_got", "out", "out_size", "writing", "dirty", "closing", "eof",
+                 "deadline", "handler")
+
+    def __init__(self, sock: socket.socket, address: str, deadline: float) -> None:
+        self.sock = sock
+        self.address = address
+        self.nick: Optional[str] = None          # set once the nickname is accepted
+        self.nick_bytes = b""
+        self.nick_key = ""
+        self.tail = bytearray()                  # the unfinished frame of the last read
+        self.large: Optional[bytearray] = None   # a large frame being read in place
+        self.large_got = 0
+        self.out: Deque[Buffer] = collections.deque()  # queued output, sent in order
+        self.out_size = 0
+        self.writing = False                     # EVENT_WRITE registered
+        self.dirty = False                       # has output to try at the end of this turn
+        self.closing = False                     # closing: no more input is handled
+        self.eof = False                         # the peer has closed its side
+        self.deadline = deadline                 # handshake or close deadline (monotonic)
+        self.handler: Callable[[int], None] = lambda mask: None
+
+    @property
+    def name(self) -> str:
+        return "%s (%s)" % (self.nick, self.address) if self.nick else self.address
+
+
+class ChatServer:
+    """The selector loop: accepts, reads, relays and writes, in one thread."""
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 max_message: int = DEFAULT_MAX_MESSAGE, max_queue: Optional[int] = None,
+                 max_clients: int = DEFAULT_MAX_CLIENTS,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        self.host = host
+        self.port = port
+        self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
+        # A healthy reader must be able to take a maximum-size message while a
+        # few more are queued behind it.
+        self.max_queue = max_queue if max_queue else max(DEFAULT_MAX_QUEUE, 2 * max_message)
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.selector = selectors.DefaultSelector()
+        self.listener: Optional[socket.socket] = None
+        self.connections: Dict[socket.socket, Connection] = {}
+        self.users: Dict[str, Connection] = {}   # casefolded nickname -> connection
+        self._dirty: List[Connection] = []
+        self._overflowed: List[Connection] = []
+        self._joined: List[Connection] = []
+        self._left: List[str] = []
+        self._stopping = False
+        self._accept_paused_until = 0.0
+        self._next_housekeeping = 0.0
+        self._spare_fd: Optional[int] = None
+        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    # -- setting up -------------------------------------------------------
+
+    def listen(self) -> Tuple[str, int]:
+        """Bind and listen; return the real (host, port)."""
+        _raise_file_limit()
+        if self.host in ("", "::") and socket.has_dualstack_ipv6():
+            sock = socket.create_server(("", self.port), family=socket.AF_INET6,
+                                        backlog=LISTEN_BACKLOG, reuse_port=False,
+                                        dualstack_ipv6=True)
+        else:
+            host = self.host or "0.0.0.0"
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, self.port), family=family,
+                                        backlog=LISTEN_BACKLOG)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, self._accept)
+        self._spare_fd = _open_spare_fd()
+        bound = sock.getsockname()
+        host = bound[0]
+        shown = "[%s]" % host if ":" in host else host
+        self.address = "%s:%d" % (shown, bound[1])
+        return host, bound[1]
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then shut down cleanly."""
+        if self.listener is None:
+            self.listen()
+        self._install_signal_handlers()
+        log("listening on %s" % self.address)
+        select = self.selector.select
+        try:
+            while not self._stopping:
+                for key, mask in select(HOUSEKEEPING_INTERVAL):
+                    key.data(mask)
+                self._end_of_turn()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _install_signal_handlers(self) -> None:
+        # The handlers only set a flag; the wakeup socket makes select() return
+        # at once instead of at its next timeout.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self.selector.register(reader, selectors.EVENT_READ, self._drain_wakeup)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stopping = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def _drain_wakeup(self, mask: int) -> None:
+        assert self._wakeup is not None
+        try:
+            self._wakeup[0].recv(4096)
+        except OSError:
+            pass
+
+    # -- accepting --------------------------------------------------------
+
+    def _accept(self, mask: int) -> None:
+        assert self.listener is not None
+        for _ in range(256):  # a burst of connects is taken in few turns, but not forever
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_descriptors(exc)
+                    return
+                # ECONNABORTED and friends concern only that one connection.
+                log("accept failed: %s" % exc)
+                continue
+            self._add_connection(sock, peer)
+
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        # The pending connection would wake us again and again: close the spare
+        # descriptor, take the connection, tell it why and let it go. Without a
+        # spare, stop accepting for a second rather than spin.
+        log("accept failed: %s; refusing new connections until descriptors free up" % exc)
+        if self._spare_fd is not None and self.listener is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+            try:
+                sock, _ = self.listener.accept()
+                _send_and_close(sock, "Server is out of resources; try again later")
+            except OSError:
+                pass
+            self._spare_fd = _open_spare_fd()
+        if self._spare_fd is None:
+            self._pause_accepting(1.0)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if self.listener is not None and not self._accept_paused_until:
+            self.selector.unregister(self.listener)
+            self._accept_paused_until = time.monotonic() + seconds
+
+    def _add_connection(self, sock: socket.socket, peer: Any) -> None:
+        address = "[%s]:%d" % peer[:2] if ":" in peer[0] else "%s:%d" % peer[:2]
+        if len(self.connections) >= self.max_clients:
+            log("refused %s: server full (%d clients)" % (address, self.max_clients))
+            _send_and_close(sock, "Server is full (%d clients); try again later"
+                            % self.max_clients)
+            return
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        conn = Connection(sock, address, time.monotonic() + self.handshake_timeout)
+        conn.handler = functools.partial(self._on_client_event, conn)
+        self.connections[sock] = conn
+        self.selector.register(sock, selectors.EVENT_READ, conn.handler)
+        log("connection from %s" % address)
+
+    # -- reading ----------------------------------------------------------
+
+    def _on_client_event(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._send(conn)
+        if mask & selectors.EVENT_READ and conn.sock.fileno() >= 0:
+            if conn.large is not None:
+                self._receive_large(conn)
+            else:
+                self._receive(conn)
+
+    def _receive(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(conn, "connection error: %s" % (exc.strerror or exc))
+            return
+        if not data:
+            self._peer_closed(conn)
+        elif not conn.closing:
+            self._consume(conn, data)
+
+    def _consume(self, conn: Connection, data: bytes) -> None:
+        """Handle every frame in ``data``, keeping only an unfinished tail.
+
+        Chat messages that can be relayed as they came (the nickname field is
+        already the sender's) are collected into one run and broadcast as a
+        single slice of ``data``: a read full of small messages costs one queue
+        entry per receiver, not one per message.
+        """
+        pos = 0
+        end = len(data)
+        if conn.tail:
+            pos = self._complete_tail(conn, data)
+            if pos < 0:
+                return
+        view = memoryview(data)
+        run = -1  # start of the run of frames to relay verbatim
+        while end - pos >= HEADER_SIZE:
+            length = self._frame_length(conn, data[pos:pos + HEADER_SIZE])
+            if length < 0:
+                break
+            start = pos + HEADER_SIZE
+            stop = start + length
+            if stop > end:
+                break
+            if conn.nick is not None and self._relayable(conn, data, start, stop):
+                if run < 0:
+                    run = pos
+                pos = stop
+                continue
+            if run >= 0:
+                self._broadcast((view[run:pos],), conn)
+                run = -1
+            if not self._handle_frame(conn, data, start, stop):
+                return
+            pos = stop
+        if run >= 0:
+            self._broadcast((view[run:pos],), conn)
+        if pos < end and not conn.closing:
+            self._keep_tail(conn, data, pos)
+
+    def _relayable(self, conn: Connection, data: bytes, start: int, stop: int) -> bool:
+        first = data.find(b"\0", start, stop)
+        if first < 0:
+            return False
+        second = data.find(b"\0", first + 1, stop)
+        return (second >= 0 and second + 1 < stop
+                and data[first + 1:second] == conn.nick_bytes
+                and _utf8_valid(data, start, stop))
+
+    def _frame_length(self, conn: Connection, header: bytes) -> int:
+        """The announced length, or -1 after closing a connection that broke the rules."""
+        try:
+            length = parse_header(header)
+        except ProtocolError:
+            self._reject(conn, "Protocol error: a frame header must be the payload length "
+                         "in ASCII digits, padded with spaces to %d bytes" % HEADER_SIZE,
+                         "bad frame header %r" % header)
+            return -1
+        if conn.nick is None and length > MAX_NICK_BYTES:
+            self._reject(conn, "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
+                         "nickname frame of %d bytes" % length)
+            return -1
+        if length > self.max_message:
+            self._reject(conn, "Message too long: %d bytes (limit %d bytes)"
+                         % (length, self.max_message),
+                         "frame of %d bytes over --max-message" % length)
+            return -1
+        return length
+
+    def _complete_tail(self, conn: Connection, data: bytes) -> int:
+        """Finish the frame begun in an earlier read; return where ``data`` goes on."""
+        tail = conn.tail
+        pos = 0
+        if len(tail) < HEADER_SIZE:
+            pos = HEADER_SIZE - len(tail)
+            tail += data[:pos]
+            if len(tail) < HEADER_SIZE:
+                return -1
+        length = self._frame_length(conn, bytes(tail[:HEADER_SIZE]))
+        if length < 0:
+            return -1
+        if length >= LARGE_FRAME:
+            self._start_large(conn, length, tail[HEADER_SIZE:], data, pos)
+            return -1
+        need = HEADER_SIZE + length - len(tail)
+        tail += data[pos:pos + need]
+        if len(tail) < HEADER_SIZE + length:
+            return -1
+        conn.tail = bytearray()
+        frame = bytes(tail)
+        if not self._handle_frame(conn, frame, HEADER_SIZE, len(frame)):
+            return -1
+        return pos + need
+
+    def _keep_tail(self, conn: Connection, data: bytes, pos: int) -> None:
+        if len(data) - pos >= HEADER_SIZE:
+            length = parse_header(data[pos:pos + HEADER_SIZE])  # checked by _frame_length
+            if length >= LARGE_FRAME:
+                self._start_large(conn, length, b"", data, pos + HEADER_SIZE)
+                return
+        conn.tail = bytearray(data[pos:])
+
+    def _start_large(self, conn: Connection, length: int, head: Buffer,
+                     data: bytes, pos: int) -> None:
+        # A large frame gets a buffer of its announced size, filled in place by
+        # recv_into(): no concatenation (quadratic), no second copy.
+        large = bytearray(length)
+        got = len(head)
+        large[:got] = head
+        piece = data[pos:pos + length - got]
+        large[got:got + len(piece)] = piece
+        conn.large = large
+        conn.large_got = got + len(piece)
+        conn.tail = bytearray()
+        if conn.large_got == length:
+            self._finish_large(conn)
+
+    def _receive_large(self, conn: Connection) -> None:
+        large = conn.large
+        assert large is not None
+        try:
+            count = conn.sock.recv_into(memoryview(large)[conn.large_got:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(conn, "connection error: %s" % (exc.strerror or exc))
+            return
+        if not count:
+            self._peer_closed(conn)
+            return
+        conn.large_got += count
+        if conn.large_got == len(large):
+            self._finish_large(conn)
+
+    def _finish_large(self, conn: Connection) -> None:
+        large = conn.large
+        assert large is not None
+        conn.large = None
+        conn.large_got = 0
+        self._handle_frame(conn, large, 0, len(large))
+
+    # -- handling one frame -----------------------------------------------
+
+    def _handle_frame(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
+        """Handle the payload data[start:stop]; False when the connection is done."""
+        if conn.nick is None:
+            return self._register(conn, data, start, stop)
+        if not _utf8_valid(data, start, stop):
+            self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
+            return False
+        first = data.find(b"\0", start, stop)
+        if first < 0:
+            self._command(conn, str(memoryview(data)[start:stop], "utf-8"))
+            return True
+        second = data.find(b"\0", first + 1, stop)
+        if second < 0:
+            self._tell(conn, "Not sent: a chat message has three parts, time, nick and text")
+            return True
+        if second + 1 == stop:
+            self._tell(conn, "Not sent: the message is empty")
+            return True
+        # Relay with the registered nickname in place of whatever was sent.
+        head = b"".join((bytes(data[start:first]), b"\0", conn.nick_bytes, b"\0"))
+        size = len(head) + stop - second - 1
+        if size < LARGE_FRAME:
+            self._broadcast((b"".join((frame_header(size), head,
+                                       bytes(data[second + 1:stop]))),), conn)
+        else:  # the text is shared by every receiver, never copied
+            self._broadcast((frame_header(size) + head,
+                             memoryview(data)[second + 1:stop]), conn)
+        return True
+
+    def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
+        try:
+            nick = str(memoryview(data)[start:stop], "utf-8")
+        except UnicodeDecodeError:
+            nick = ""
+            reason: Optional[str] = "is not valid UTF-8"
+        else:
+            reason = check_nick(nick)
+            if reason is None and nick.casefold() in self.users:
+                reason = "%r is already in use" % nick
+        if reason is not None:
+            self._reject(conn, "Nickname rejected: %s" % reason.replace("'", '"'),
+                         "nickname rejected: %s" % reason)
+            return False
+        conn.nick = nick
+        conn.nick_bytes = nick.encode("utf-8")
+        conn.nick_key = nick.casefold()
+        self.users[conn.nick_key] = conn
+        self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave."
+                   % (nick, plural(len(self.users), "user"), QUIT_COMMAND))
+        self._joined.append(conn)
+        log("%s joined as %s" % (conn.address, nick))
+        return True
+
+    def _command(self, conn: Connection, line: str) -> None:
+        if not line.startswith("/"):
+            self._tell(conn, "Not sent: a message must be a chat message or a /command"
+                       if line else "Not sent: the message is empty")
+            return
+        name = line.split(None, 1)[0] if line.strip() else line
+        handler = self.COMMANDS.get(name.lower())
+        if handler is None:
+            self._tell(conn, "Unknown command %s; /help lists the commands" % name[:40])
+        else:
+            handler(self, conn, line)
+
+    def _cmd_help(self, conn: Connection, line: str) -> None:
+        self._tell(conn, "Commands: /help (this list), /who (who is online). "
+                   "Type %s to leave." % QUIT_COMMAND)
+
+    def _cmd_who(self, conn: Connection, line: str) -> None:
+        names = sorted((c.nick or "" for c in self.users.values()), key=str.casefold)
+        self._tell(conn, "%s online: %s" % (plural(len(names), "user"), ", ".join(names)))
+
+    COMMANDS: Dict[str, Callable[[ChatServer, Connection, str], None]] = {
+        "/help": _cmd_help,
+        "/who": _cmd_who,
+    }
+
+    # -- writing ----------------------------------------------------------
+
+    def _tell(self, conn: Connection, text: str) -> None:
+        self._queue(conn, (encode_frame(text.encode("utf-8")),))
+
+    def _queue(self, conn: Connection, buffers: Sequence[Buffer]) -> None:
+        if not conn.out and not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+        conn.out.extend(buffers)
+        for buffer in buffers:
+            conn.out_size += len(buffer)
+
+    def _broadcast(self, buffers: Sequence[Buffer], sender: Optional[Connection] = None,
+                   skip: Iterable[Connection] = ()) -> None:
+        """Queue the same buffers for every user but the sender: encoded once, shared."""
+        size = sum(len(b) for b in buffers)
+        dirty = self._dirty
+        limit = self.max_queue
+        skipped = set(skip)
+        single = buffers[0] if len(buffers) == 1 else None
+        for conn in self.users.values():
+            if conn is sender or conn in skipped:
+                continue
+            out = conn.out
+            if not out and not conn.dirty:
+                conn.dirty = True
+                dirty.append(conn)
+            if single is not None:
+                out.append(single)
+            else:
+                out.extend(buffers)
+            conn.out_size += size
+            # One message, however large, may always wait alone in the queue.
+            if conn.out_size > limit and len(out) > len(buffers):
+                self._overflowed.append(conn)
+
+    def _send(self, conn: Connection) -> None:
+        """Send as much queued output as the socket takes now, without blocking."""
+        out = conn.out
+        sock = conn.sock
+        while out:
+            try:
+                if _HAVE_SENDMSG:
+                    sent = sock.sendmsg(list(itertools.islice(out, IOV_MAX)))
+                else:
+                    sent = sock.send(out[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._lost(conn, "connection error: %s" % (exc.strerror or exc))
+                return
+            conn.out_size -= sent
+            while sent:
+                first = out[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(first)[sent:]
+                    break
+            else:
+                continue
+            break  # the socket took part of a buffer: it is full
+        if out:
+            if not conn.writing:
+                conn.writing = True
+                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     conn.handler)
+        else:
+            if conn.writing:
+                conn.writing = False
+                self.selector.modify(sock, selectors.EVENT_READ, conn.handler)
+            if conn.closing:
+                self._finish_closing(conn)
+
+    # -- the end of each turn ---------------------------------------------
+
+    def _end_of_turn(self) -> None:
+        if self._overflowed:
+            overflowed, self._overflowed = self._overflowed, []
+            for conn in overflowed:
+                if not conn.closing:
+                    self._drop_slow_reader(conn)
+        if self._joined or self._left:
+            self._announce()
+        if self._dirty:
+            # Optimistic sending: most sockets take everything at once, and
+            # EVENT_WRITE is asked for only by those that did not.
+            dirty, self._dirty = self._dirty, []
+            for conn in dirty:
+                conn.dirty = False
+                if conn.sock.fileno() >= 0:
+                    self._send(conn)
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            self._housekeeping(now)
+
+    def _announce(self) -> None:
+        """Tell the room who joined and left during this turn, one notice each."""
+        joined = [c for c in self._joined if c.nick is not None and not c.closing]
+        self._joined = []
+        left, self._left = self._left, []
+        online = len(self.users)
+        if joined:
+            self._broadcast(
+                (encode_frame(("%s joined the chat (%d online)"
+                               % (_names([c.nick or "" for c in joined]), online))
+                              .encode("utf-8")),),
+                skip=joined)
+        if left:
+            self._broadcast(
+                (encode_frame(("%s left the chat (%d online)" % (_names(left), online))
+                              .encode("utf-8")),))
+
+    def _housekeeping(self, now: float) -> None:
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            if self.listener is not None:
+                self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        for conn in list(self.connections.values()):
+            if conn.nick is None or conn.closing:
+                if now >= conn.deadline:
+                    if conn.closing:
+                        self._destroy(conn)
+                    else:
+                        self._reject(conn, "No nickname received within %g seconds"
+                                     % self.handshake_timeout, "handshake timeout")
+
+    # -- closing ----------------------------------------------------------
+
+    def _leave_room(self, conn: Connection, why: str) -> None:
+        if conn.nick is not None and self.users.get(conn.nick_key) is conn:
+            del self.users[conn.nick_key]
+            self._left.append(conn.nick)
+        log("%s disconnected: %s" % (conn.name, why))
+
+    def _reject(self, conn: Connection, notice: str, why: str) -> None:
+        """Tell the peer why and close once that is sent ("close when done")."""
+        self._leave_room(conn, why)
+        self._close_when_done(conn, notice)
+
+    def _drop_slow_reader(self, conn: Connection) -> None:
+        conn.out.clear()
+        conn.out_size = 0
+        self._reject(conn, "Disconnected: you were not reading and over %d bytes were "
+                     "waiting for you" % self.max_queue, "output queue over --max-queue")
+
+    def _close_when_done(self, conn: Connection, notice: Optional[str],
+                         grace: float = CLOSE_GRACE) -> None:
+        conn.closing = True
+        conn.tail = bytearray()
+        conn.large = None
+        conn.deadline = time.monotonic() + grace
+        if notice is not None:
+            self._tell(conn, notice)
+        elif not conn.out:
+            self._finish_closing(conn)
+
+    def _finish_closing(self, conn: Connection) -> None:
+        # Everything owed is sent: say so with a FIN, then wait (until the
+        # deadline) for the peer to close too, so that no unread input turns
+        # our close into a reset that could destroy the last notice.
+        if conn.eof:
+            self._destroy(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._destroy(conn)
+
+    def _peer_closed(self, conn: Connection) -> None:
+        conn.eof = True
+        if not conn.closing:
+            why = "closed the connection"
+            if conn.tail or conn.large is not None:
+                why += " in the middle of a frame"
+            self._leave_room(conn, why)
+            self._close_when_done(conn, None)
+        elif not conn.out:
+            self._destroy(conn)
+
+    def _lost(self, conn: Connection, why: str) -> None:
+        if not conn.closing:
+            self._leave_room(conn, why)
+        self._destroy(conn)
+
+    def _destroy(self, conn: Connection) -> None:
+        if self.connections.pop(conn.sock, None) is None:
+            return
+        if conn.nick is not None and self.users.get(conn.nick_key) is conn:
+            self._leave_room(conn, "closed")
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.out.clear()
+        conn.out_size = 0
+
+    def _shutdown(self) -> None:
+        """Tell everyone, deliver what is owed for up to SHUTDOWN_GRACE, close all."""
+        log("shutting down: telling %s" % plural(len(self.connections), "client"))
+        if self.listener is not None:
+            if not self._accept_paused_until:
+                self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.connections.values()):
+            if not conn.closing:
+                self._close_when_done(conn, SHUTDOWN_NOTICE, SHUTDOWN_GRACE)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        self._joined = []
+        self._left = []
+        while self.connections:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, mask in self.selector.select(min(remaining, HOUSEKEEPING_INTERVAL)):
+                key.data(mask)
+            self._joined = []
+            self._left = []
+            self._end_of_turn()
+        unsent = sum(1 for c in self.connections.values() if c.out)
+        for conn in list(self.connections.values()):
+            self._destroy(conn)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for sock in self._wakeup:
+                sock.close()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+        self.selector.close()
+        log("stopped%s" % (" (%s could not take everything in time)"
+                           % plural(unsent, "client") if unsent else ""))
+
+
+_HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+
+def _names(names: List[str]) -> str:
+    if len(names) > NOTICE_NAMES:
+        return "%s and %d others" % (", ".join(names[:NOTICE_NAMES]), len(names) - NOTICE_NAMES)
+    if len(names) == 1:
+        return names[0]
+    return "%s and %s" % (", ".join(names[:-1]), names[-1])
+
+
+def _send_and_close(sock: socket.socket, text: str) -> None:
+    try:
+        sock.setblocking(False)
+        sock.send(encode_frame(text.encode("utf-8")))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _open_spare_fd() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _raise_file_limit() -> None:
+    """Allow as many open sockets as the system lets this process have."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft == resource.RLIM_INFINITY or soft >= hard:
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------
+
+class Screen:
+    """All output of the client goes through here: it knows whether the prompt
+    (and a half-typed line) is showing, and draws it again below a new message."""
+
+    PROMPT = "> "
+
+    def __init__(self, color: bool, interactive: bool) -> None:
+        self.color = color
+        self.interactive = interactive
+        self.prompt_showing = False
+        self.lock = threading.Lock()
+        self.readline: Any = None
+        self._redraw: Optional[Callable[[], Any]] = None
+        if interactive:
+            try:
+                import readline  # POSIX: line editing and history
+                self.readline = readline
+            except ImportError:
+                return
+            # readline.redisplay() only repaints what changed, which after our
+            # message is nothing; rl_forced_update_display() repaints the prompt
+            # and the typed text on the new line with the cursor where it was.
+            try:
+                import ctypes
+                self._redraw = ctypes.CDLL(readline.__file__).rl_forced_update_display
+            except Exception:  # no ctypes, or a readline without that function
+                pass
+
+    def chat_line(self, stamp: str, nick: str, text: str) -> str:
+        shown_nick = sanitize(nick)
+        if self.color:
+            shown_nick = "\x1b[%sm%s%s" % (nick_color(nick), shown_nick, RESET)
+        return "[%s] %s: %s" % (format_time(stamp), shown_nick, sanitize(text))
+
+    def service_line(self, text: str) -> str:
+        text = sanitize(text)
+        return BOLD_RED + text + RESET if self.color else text
+
+    def show(self, line: str) -> None:
+        with self.lock:
+            try:
+                if self.interactive and self.prompt_showing:
+                    # Clear the prompt line(s), print above, redraw prompt and typed text.
+                    typed = self.readline.get_line_buffer() if self.readline else ""
+                    rows = _rows(len(self.PROMPT) + _width(typed))
+                    up = "\x1b[%dA" % (rows - 1) if rows > 1 else ""
+                    sys.stdout.write("\r" + up + "\x1b[J" + line + "\n")
+                    if self._redraw is not None:
+                        sys.stdout.flush()
+                        self._redraw()
+                    else:  # the cursor lands after the text, where it mostly is
+                        sys.stdout.write(self.PROMPT + typed)
+                else:
+                    sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # stdout closed (for example `| head`)
+                pass
+
+    def erase_input(self, typed: str) -> None:
+        """Remove the line the terminal echoed, so that our formatted copy replaces it."""
+        rows = _rows(len(self.PROMPT) + _width(typed))
+        with self.lock:
+            try:
+                sys.stdout.write("\x1b[%dA\r\x1b[J" % rows)
+            except (OSError, ValueError):
+                pass
+
+    def clear_prompt(self) -> None:
+        with self.lock:
+            self.prompt_showing = False
+            try:
+                sys.stdout.write("\r\x1b[K")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else
+               0 if unicodedata.combining(c) else 1 for c in text)
+
+
+def _rows(columns: int) -> int:
+    width = max(os.get_terminal_size(sys.stdout.fileno()).columns, 1) if sys.stdout.isatty() else 80
+    return max(1, (columns + width - 1) // width) if columns else 1
+
+
+class ChatClient:
+    """Connects, sends what the user types, shows what arrives."""
+
+    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool) -> None:
+        self.host = host
+        self.port = port
+        self.nick = nick
+        self.screen = Screen(color, interactive)
+        self.interactive = interactive
+        self.sock: Optional[socket.socket] = None
+        self.leaving = False         # we asked to leave: the server closing is expected
+        self.finished = False        # the receiver has seen the end of the session
+        self.status = 0
+        self.failure: Optional[str] = None
+        self.last_notice = ""
+        self._receiver: Optional[threading.Thread] = None
+
+    @property
+    def where(self) -> str:
+        return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        sock.sendall(encode_frame(self.nick.encode("utf-8", "surrogatepass")))
+
+    def run(self) -> int:
+        try:
+            self.connect()
+        except OSError as exc:
+            _fail("cannot connect to %s: %s" % (self.where, _reason(exc)))
+            return 1
+        self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
+        self._receiver.start()
+        try:
+            if self.interactive:
+                self._type_loop()
+            else:
+                self._pipe_loop()
+            self._leave()
+        except KeyboardInterrupt:  # Ctrl+C, or the receiver telling us the session is over
+            if not self.finished:
+                self._leave()
+        except OSError as exc:  # sending failed
+            if not self.finished:
+                self.failure = self.failure or "lost: %s" % _reason(exc)
+                self.status = 1
+        finally:
+            if self.interactive:
+                self.screen.clear_prompt()
+        if self.failure:
+            _fail("connection to %s %s" % (self.where, self.failure))
+        return self.status
+
+    def _type_loop(self) -> None:
+        screen = self.screen
+        while not self.finished:
+            screen.prompt_showing = True
+            try:
+                line = input(screen.PROMPT)
+            except EOFError:
+                return
+            finally:
+                screen.prompt_showing = False
+            if line.strip() == QUIT_COMMAND:
+                return
+            if not line.strip():
+                continue
+            stamp = self._send(line)
+            screen.erase_input(line)
+            screen.show(screen.chat_line(stamp, self.nick, line))
+
+    def _pipe_loop(self) -> None:
+        for raw in sys.stdin:
+            line = raw.rstrip("\r\n")
+            if line.strip() == QUIT_COMMAND or self.finished:
+                return
+            if line.strip():
+                self._send(line)
+
+    def _send(self, line: str) -> str:
+        assert self.sock is not None
+        stamp = now_stamp()
+        payload = "\0".join((stamp, self.nick, line)).encode("utf-8", "surrogatepass")
+        self.sock.sendall(encode_frame(payload))
+        return stamp
+
+    def _leave(self) -> None:
+        """Close our side and wait for the server to close its own: by then it has
+        taken everything we sent."""
+        self.leaving = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if self._receiver is not None:
+            self._receiver.join(5.0 if not self.interactive else 2.0)
+        self.status = 0
+        self.failure = None
+
+    def _receive(self) -> None:
+        assert self.sock is not None
+        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        reason = "the server closed the connection without notice"
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                for payload in decoder.feed(data):
+                    if self._show(payload):
+                        self._end(0, None)
+                        return
+        except ProtocolError as exc:
+            reason = "protocol error: %s" % exc
+        except OSError as exc:
+            reason = _reason(exc)
+        if self.leaving:
+            self._end(0, None)
+        elif self.last_notice:
+            self._end(1, "closed by the server: %s" % sanitize(self.last_notice))
+        else:
+            self._end(1, "lost: %s" % reason)
+
+    def _show(self, payload: bytes) -> bool:
+        """Print one payload; True when it is the server's shutdown notice."""
+        stamp, nick, text = unpack_message(payload)
+        if stamp is None or nick is None:
+            self.screen.show(self.screen.service_line(text))
+            self.last_notice = text
+            return text == SHUTDOWN_NOTICE
+        self.screen.show(self.screen.chat_line(stamp, nick, text))
+        return False
+
+    def _end(self, status: int, failure: Optional[str]) -> None:
+        """The session is over: record why and wake the main thread out of input()."""
+        self.finished = True
+        if self.leaving:
+            return
+        self.status = status
+        self.failure = failure
+        self.leaving = True
+        _interrupt_main()
+
+
+def _interrupt_main() -> None:
+    if hasattr(signal, "pthread_kill"):
+        # A signal aimed at the main thread interrupts the read() it is blocked
+        # in, so the client leaves without waiting for Enter.
+        main = threading.main_thread().ident
+        if main is not None:
+            signal.pthread_kill(main, signal.SIGINT)
+            return
+    import _thread
+    _thread.interrupt_main()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve host name (%s)" % exc.strerror
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or exc.__class__.__name__
+
+
+def _fail(message: str) -> None:
+    try:
+        sys.stderr.write("selchat: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def use_color(no_color_flag: bool, stream: Any = None) -> bool:
+    """Colour rules: NO_COLOR and --no-color win, FORCE_COLOR forces, else a terminal that is not dumb."""
+    if no_color_flag or os.environ.get("NO_COLOR"):
+        return False
+    force = os.environ.get("FORCE_COLOR", "")
+    if force and force != "0":
+        return True
+    stream = stream or sys.stdout
+    return bool(stream.isatty()) and os.environ.get("TERM", "") != "dumb"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text) from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("port must be 0 to 65535")
+    return port
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env_host = os.environ.get("SELCHAT_HOST")
+    env_port = os.environ.get("SELCHAT_PORT")
+    parser = argparse.ArgumentParser(
+        prog="selchat.py", formatter_class=_HelpFormatter,
+        description="A console chat: one file that is both the server and the client.",
+        epilog="examples:\n  python selchat.py server\n"
+               "  python selchat.py client --nick alice\n\n"
+               "SELCHAT_HOST and SELCHAT_PORT, when set, replace the default host and port.")
+    parser.add_argument("--version", action="version", version="selchat " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="{server,client}")
+    commands.required = True
+
+    server = commands.add_parser(
+        "server", formatter_class=_HelpFormatter, help="run the chat server",
+        description="Run the chat server until Ctrl+C or SIGTERM.",
+        epilog="example:\n  python selchat.py server --port 9009\n"
+               "  python selchat.py server --host 127.0.0.1 --port 0   # any free port")
+    server.add_argument("--host", default=env_host if env_host is not None else DEFAULT_HOST,
+                        help="address to listen on (default: all interfaces; $SELCHAT_HOST)")
+    server.add_argument("--port", type=_port, default=env_port or DEFAULT_PORT,
+                        help="port to listen on, 0 for any free one "
+                             "(default: %d; $SELCHAT_PORT)" % DEFAULT_PORT)
+    server.add_argument("--max-message", type=_non_negative, default=DEFAULT_MAX_MESSAGE,
+                        metavar="BYTES",
+                        help="longest accepted message payload, 0 for no limit but the "
+                             "header's (default: %d)" % DEFAULT_MAX_MESSAGE)
+    server.add_argument("--max-queue", type=_non_negative, default=0, metavar="BYTES",
+                        help="unsent output held for one client before it is disconnected "
+                             "(default: %d or twice --max-message, whichever is larger)"
+                             % DEFAULT_MAX_QUEUE)
+    server.add_argument("--max-clients", type=_non_negative, default=DEFAULT_MAX_CLIENTS,
+                        metavar="N", help="connections at once (default: %d)"
+                        % DEFAULT_MAX_CLIENTS)
+    server.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
+                        default=DEFAULT_HANDSHAKE_TIMEOUT,
+                        help="time a new connection has to send its nickname "
+                             "(default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
+
+    client = commands.add_parser(
+        "client", formatter_class=_HelpFormatter, help="join a chat server",
+        description="Join a chat. Type a line and press Enter to send it; "
+                    "type %s, press Ctrl+D or Ctrl+C to leave." % QUIT_COMMAND,
+        epilog="example:\n  python selchat.py client --host 192.0.2.7 --nick alice\n"
+               "  echo 'build finished' | python selchat.py client --nick ci")
+    client.add_argument("--host", default=env_host or DEFAULT_CLIENT_HOST,
+                        help="server to connect to (default: %s; $SELCHAT_HOST)"
+                             % DEFAULT_CLIENT_HOST)
+    client.add_argument("--port", type=_port, default=env_port or DEFAULT_PORT,
+                        help="server port (default: %d; $SELCHAT_PORT)" % DEFAULT_PORT)
+    client.add_argument("--nick", help="your nickname (asked for when missing)")
+    client.add_argument("--no-color", action="store_true",
+                        help="no colours (also when NO_COLOR is set or output is not a terminal)")
+    return parser
+
+
+def run_server(args: argparse.Namespace) -> int:
+    server = ChatServer(args.host, args.port, args.max_message, args.max_queue,
+                        args.max_clients, args.handshake_timeout)
+    try:
+        server.listen()
+    except OSError as exc:
+        log("cannot listen on %s:%d: %s" % (args.host or "*", args.port, _reason(exc)))
+        return 1
+    server.serve_forever()
+    return 0
+
+
+def _ask_nick() -> Optional[str]:
+    """Ask for a nickname on the terminal, or read it from the first line of input."""
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            nick = input("Nickname: ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                sys.stdout.write("\n")
+            return None
+        nick = nick.strip()
+        if not interactive and not nick:
+            return None
+        reason = check_nick(nick)
+        if reason is None:
+            return nick
+        if not interactive:
+            _fail("invalid nickname %r: %s" % (nick, reason))
+            return None
+        sys.stdout.write("A nickname %s.\n" % reason)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    for stream in (sys.stdout, sys.stdin):
+        try:  # never die on a character the terminal's encoding lacks
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    nick = args.nick
+    if nick is None:
+        nick = _ask_nick()
+        if nick is None:
+            return 1 if not sys.stdin.isatty() else 0
+    interactive = sys.stdin.isatty()
+    color = interactive and use_color(args.no_color)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    saved = _save_terminal()
+    try:
+        return ChatClient(args.host, args.port, nick, color, interactive).run()
+    finally:
+        _restore_terminal(saved)
+
+
+def _save_terminal() -> Any:
+    try:
+        import termios
+        return termios.tcgetattr(sys.stdin.fileno())
+    except Exception:  # not a terminal, or not POSIX
+        return None
+
+
+def _restore_terminal(saved: Any) -> None:
+    if saved is None:
+        return
+    try:
+        import termios
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    except Exception:
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "server":
+            return run_server(args)
+        return run_client(args)
+    except KeyboardInterrupt:  # Ctrl+C outside the places that expect it
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
