@@ -1141,6 +1141,7 @@ class ChatClient:
         self.status = 0
         self.failure: Optional[str] = None
         self.last_notice = ""
+        self.frames = 0
         self._receiver: Optional[threading.Thread] = None
 
     @property
@@ -1168,7 +1169,9 @@ class ChatClient:
             else:
                 self._pipe_loop()
             self._leave()
-        except KeyboardInterrupt:  # Ctrl+C, or the receiver telling us the session is over
+        except SessionEnded:
+            pass
+        except KeyboardInterrupt:  # Ctrl+C or SIGTERM
             if not self.finished:
                 self._leave()
         except OSError as exc:  # sending failed
@@ -1232,7 +1235,7 @@ class ChatClient:
     def _receive(self) -> None:
         assert self.sock is not None
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
-        reason = "the server closed the connection without notice"
+        reason = "the server closed the connection"
         try:
             while True:
                 data = self.sock.recv(65536)
@@ -1248,13 +1251,15 @@ class ChatClient:
             reason = _reason(exc)
         if self.leaving:
             self._end(0, None)
-        elif self.last_notice:
-            self._end(1, "closed by the server: %s" % sanitize(self.last_notice))
+        elif self.frames == 1 and self.last_notice and QUIT_COMMAND not in self.last_notice:
+            # Turned away at the door: the welcome (which names <quit<) never came.
+            self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
         else:
             self._end(1, "lost: %s" % reason)
 
     def _show(self, payload: bytes) -> bool:
         """Print one payload; True when it is the server's shutdown notice."""
+        self.frames += 1
         stamp, nick, text = unpack_message(payload)
         if stamp is None or nick is None:
             self.screen.show(self.screen.service_line(text))
@@ -1271,19 +1276,24 @@ class ChatClient:
         self.status = status
         self.failure = failure
         self.leaving = True
-        _interrupt_main()
-
-
-def _interrupt_main() -> None:
-    if hasattr(signal, "pthread_kill"):
-        # A signal aimed at the main thread interrupts the read() it is blocked
-        # in, so the client leaves without waiting for Enter.
         main = threading.main_thread().ident
-        if main is not None:
-            signal.pthread_kill(main, signal.SIGINT)
-            return
-    import _thread
-    _thread.interrupt_main()
+        if hasattr(signal, "pthread_kill") and main is not None:
+            # A signal aimed at the main thread interrupts the read() it is
+            # blocked in, so the client leaves without waiting for Enter.
+            signal.pthread_kill(main, signal.SIGUSR1)
+        else:  # Windows: a console read cannot be interrupted, so finish here
+            if failure:
+                _fail("connection to %s %s" % (self.where, failure))
+            sys.stdout.flush()
+            os._exit(status)
+
+
+class SessionEnded(Exception):
+    """Raised in the main thread when the receiver has seen the session end."""
+
+
+def _session_ended(signum: int, frame: Any) -> None:
+    raise SessionEnded()
 
 
 def _reason(exc: BaseException) -> str:
@@ -1456,8 +1466,10 @@ def run_client(args: argparse.Namespace) -> int:
             return 1 if not sys.stdin.isatty() else 0
     interactive = sys.stdin.isatty()
     color = interactive and use_color(args.no_color)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, _session_ended)
     saved = _save_terminal()
     try:
         return ChatClient(args.host, args.port, nick, color, interactive).run()
