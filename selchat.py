@@ -489,7 +489,8 @@ class ChatServer:
             self._accept_paused_until = time.monotonic() + seconds
 
     def _add_connection(self, sock: socket.socket, peer: Any) -> None:
-        address = "[%s]:%d" % peer[:2] if ":" in peer[0] else "%s:%d" % peer[:2]
+        host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]  # IPv4 via IPv6
+        address = "[%s]:%d" % (host, peer[1]) if ":" in host else "%s:%d" % (host, peer[1])
         if len(self.connections) >= self.max_clients:
             log("refused %s: server full (%d clients)" % (address, self.max_clients))
             _send_and_close(sock, "Server is full (%d clients); try again later"
@@ -706,12 +707,12 @@ class ChatServer:
         try:
             nick = str(memoryview(data)[start:stop], "utf-8")
         except UnicodeDecodeError:
-            nick = ""
-            reason: Optional[str] = "is not valid UTF-8"
-        else:
-            reason = check_nick(nick)
-            if reason is None and nick.casefold() in self.users:
-                reason = "%r is already in use" % nick
+            self._reject(conn, "Protocol error: the nickname is not valid UTF-8",
+                         "nickname is not valid UTF-8")
+            return False
+        reason = check_nick(nick)
+        if reason is None and nick.casefold() in self.users:
+            reason = "%r is already in use" % nick
         if reason is not None:
             self._reject(conn, "Nickname rejected: %s" % reason.replace("'", '"'),
                          "nickname rejected: %s" % reason)
