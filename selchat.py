@@ -41,8 +41,11 @@ import collections
 import datetime as dt
 import errno
 import functools
+import hashlib
+import hmac
 import itertools
 import os
+import re
 import selectors
 import signal
 import socket
@@ -51,7 +54,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
 __version__ = "1.0.0"
 
@@ -68,9 +71,22 @@ DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_QUEUE = 16 << 20
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Far above what anyone types, far below what a script floods with; the burst
+# lets a pasted screenful or a piped file through at once.
+DEFAULT_RATE = 100.0
+DEFAULT_BURST = 1000
+# Connections from one address; loopback (ssh tunnels, tests, benchmarks) is
+# exempt unless --max-per-address is given.
+DEFAULT_MAX_PER_ADDRESS = 256
+# Memory for large messages still arriving, all connections together.
+DEFAULT_MAX_PENDING = 256 << 20
+# A client whose dropped messages in this many seconds exceed what the rate
+# allows in the same time is flooding on purpose and is disconnected.
+FLOOD_WINDOW = 10.0
 MAX_NICK_LENGTH = 32
-# A nickname frame longer than this cannot hold 32 code points of UTF-8.
-MAX_NICK_BYTES = MAX_NICK_LENGTH * 4
+# The nickname and password frames of the handshake are never longer than this.
+MAX_HANDSHAKE_FRAME = 1024
+PASSWORD_REQUEST = "Password required"
 QUIT_COMMAND = "<quit<"
 SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
 # How long the server keeps delivering what it owes after SIGINT/SIGTERM, and
@@ -85,6 +101,7 @@ RECV_SIZE = 256 * 1024
 LARGE_FRAME = 64 * 1024
 # The client refuses frames larger than this from a server.
 CLIENT_MAX_FRAME = 256 << 20
+CONNECT_TIMEOUT = 15.0
 LISTEN_BACKLOG = 4096
 HOUSEKEEPING_INTERVAL = 0.25
 # Join and leave notices are coalesced per turn of the event loop; at most this
@@ -322,30 +339,75 @@ def _utf8_valid(buffer: Any, start: int, stop: int) -> bool:
 Buffer = Any  # bytes, bytearray or memoryview: anything socket.sendmsg() takes
 
 
+TLS_NONE, TLS_PEEK, TLS_HANDSHAKE, TLS_ON = range(4)
+
+
+class ServerConfig:
+    """Everything the server can be told, with its defaults."""
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 max_message: int = DEFAULT_MAX_MESSAGE, max_queue: int = 0,
+                 max_clients: int = DEFAULT_MAX_CLIENTS,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
+                 max_per_address: Optional[int] = None,
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 password: Optional[str] = None) -> None:
+        self.host = host
+        self.port = port
+        self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
+        # A healthy reader must be able to take a maximum-size message while a
+        # few more are queued behind it.
+        self.max_queue = max_queue or max(DEFAULT_MAX_QUEUE, 2 * max_message)
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.max_per_address = max_per_address
+        self.max_pending = max_pending or MAX_HEADER_LENGTH
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.password = password
+
+
 class Connection:
     """One client socket and the state that belongs to it."""
 
-    __slots__ = ("sock", "address", "nick", "nick_bytes", "nick_key", "tail", "large",
-                 "large_got", "out", "out_size", "writing", "dirty", "closing", "eof",
-                 "deadline", "handler")
+    __slots__ = ("sock", "host", "address", "nick", "nick_bytes", "nick_key", "asked_nick",
+                 "tail", "large", "large_got", "skip", "out", "out_size", "writing", "dirty",
+                 "partial", "closing", "eof", "deadline", "handler", "tls", "tls_chunk",
+                 "tokens",
+                 "token_time", "dropped", "flood_since", "warned_at")
 
-    def __init__(self, sock: socket.socket, address: str, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, host: str, address: str, deadline: float) -> None:
         self.sock = sock
-        self.address = address
+        self.host = host                         # the peer's address, for per-address limits
+        self.address = address                   # host:port, for the log
         self.nick: Optional[str] = None          # set once the nickname is accepted
+        self.asked_nick: Optional[str] = None    # the nickname, while the password is awaited
         self.nick_bytes = b""
         self.nick_key = ""
         self.tail = bytearray()                  # the unfinished frame of the last read
         self.large: Optional[bytearray] = None   # a large frame being read in place
         self.large_got = 0
+        self.skip = 0                            # bytes of a refused frame still to discard
         self.out: Deque[Buffer] = collections.deque()  # queued output, sent in order
         self.out_size = 0
         self.writing = False                     # EVENT_WRITE registered
+        self.partial = False                     # out[0] is partly sent
         self.dirty = False                       # has output to try at the end of this turn
         self.closing = False                     # closing: no more input is handled
         self.eof = False                         # the peer has closed its side
         self.deadline = deadline                 # handshake or close deadline (monotonic)
         self.handler: Callable[[int], None] = lambda mask: None
+        self.tls = TLS_NONE                      # TLS_PEEK, TLS_HANDSHAKE, TLS_ON
+        self.tls_chunk: Optional[bytes] = None   # a TLS write to repeat as it was
+        self.tokens = 0.0                        # the rate limit's token bucket
+        self.token_time = 0.0
+        self.dropped = 0                         # messages over the rate since flood_since
+        self.flood_since = 0.0
+        self.warned_at = -FLOOD_WINDOW           # last "slow down" notice
 
     @property
     def name(self) -> str:
@@ -355,22 +417,22 @@ class Connection:
 class ChatServer:
     """The selector loop: accepts, reads, relays and writes, in one thread."""
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 max_message: int = DEFAULT_MAX_MESSAGE, max_queue: Optional[int] = None,
-                 max_clients: int = DEFAULT_MAX_CLIENTS,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
-        self.host = host
-        self.port = port
-        self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
-        # A healthy reader must be able to take a maximum-size message while a
-        # few more are queued behind it.
-        self.max_queue = max_queue if max_queue else max(DEFAULT_MAX_QUEUE, 2 * max_message)
-        self.max_clients = max_clients
-        self.handshake_timeout = handshake_timeout
+    def __init__(self, config: Optional[ServerConfig] = None) -> None:
+        self.config = config = config or ServerConfig()
+        self.max_message = config.max_message
+        self.max_queue = config.max_queue
+        self.rate = config.rate
         self.selector = selectors.DefaultSelector()
         self.listener: Optional[socket.socket] = None
-        self.connections: Dict[socket.socket, Connection] = {}
+        self.tls_context: Any = None             # an ssl.SSLContext with --tls-cert
+        self.password_digest = (hashlib.sha256(config.password.encode("utf-8")).digest()
+                                if config.password else None)
+        self.connections: Set[Connection] = set()
+        self._waiting: Set[Connection] = set()   # with a deadline: handshake or closing
         self.users: Dict[str, Connection] = {}   # casefolded nickname -> connection
+        self.per_address: Dict[str, int] = collections.Counter()
+        self.pending_bytes = 0                   # large frames arriving, all together
+        self._now = time.monotonic()             # when this turn of the loop began
         self._dirty: List[Connection] = []
         self._overflowed: List[Connection] = []
         self._joined: List[Connection] = []
@@ -384,16 +446,25 @@ class ChatServer:
     # -- setting up -------------------------------------------------------
 
     def listen(self) -> Tuple[str, int]:
-        """Bind and listen; return the real (host, port)."""
+        """Load the TLS certificate if any, bind and listen; return the real (host, port)."""
+        config = self.config
+        if config.tls_cert:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                context.load_cert_chain(config.tls_cert, config.tls_key)
+            except OSError as exc:  # ssl.SSLError included
+                raise OSError("cannot load the TLS certificate %s: %s"
+                              % (config.tls_cert, _reason(exc))) from None
+            self.tls_context = context
         _raise_file_limit()
-        if self.host in ("", "::") and socket.has_dualstack_ipv6():
-            sock = socket.create_server(("", self.port), family=socket.AF_INET6,
-                                        backlog=LISTEN_BACKLOG, reuse_port=False,
-                                        dualstack_ipv6=True)
+        if config.host in ("", "::") and socket.has_dualstack_ipv6():
+            sock = socket.create_server(("", config.port), family=socket.AF_INET6,
+                                        backlog=LISTEN_BACKLOG, dualstack_ipv6=True)
         else:
-            host = self.host or "0.0.0.0"
+            host = config.host or "0.0.0.0"
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, self.port), family=family,
+            sock = socket.create_server((host, config.port), family=family,
                                         backlog=LISTEN_BACKLOG)
         sock.setblocking(False)
         self.listener = sock
@@ -410,11 +481,13 @@ class ChatServer:
         if self.listener is None:
             self.listen()
         self._install_signal_handlers()
-        log("listening on %s" % self.address)
+        log("listening on %s%s" % (self.address, " (TLS)" if self.tls_context else ""))
         select = self.selector.select
         try:
             while not self._stopping:
-                for key, mask in select(HOUSEKEEPING_INTERVAL):
+                events = select(HOUSEKEEPING_INTERVAL)
+                self._now = time.monotonic()
+                for key, mask in events:
                     key.data(mask)
                 self._end_of_turn()
         finally:
@@ -489,47 +562,120 @@ class ChatServer:
             self._accept_paused_until = time.monotonic() + seconds
 
     def _add_connection(self, sock: socket.socket, peer: Any) -> None:
+        config = self.config
         host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]  # IPv4 via IPv6
         address = "[%s]:%d" % (host, peer[1]) if ":" in host else "%s:%d" % (host, peer[1])
-        if len(self.connections) >= self.max_clients:
-            log("refused %s: server full (%d clients)" % (address, self.max_clients))
+        if len(self.connections) >= config.max_clients:
+            log("refused %s: server full (%d clients)" % (address, config.max_clients))
             _send_and_close(sock, "Server is full (%d clients); try again later"
-                            % self.max_clients)
+                            % config.max_clients)
+            return
+        per_address = config.max_per_address
+        if per_address is None and not _is_loopback(host):
+            per_address = DEFAULT_MAX_PER_ADDRESS
+        if per_address and self.per_address[host] >= per_address:
+            log("refused %s: %d connections from that address" % (address, per_address))
+            _send_and_close(sock, "Too many connections from your address (%d); "
+                            "try again later" % per_address)
             return
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        conn = Connection(sock, address, time.monotonic() + self.handshake_timeout)
+        conn = Connection(sock, host, address, self._now + config.handshake_timeout)
         conn.handler = functools.partial(self._on_client_event, conn)
-        self.connections[sock] = conn
+        conn.tokens = float(config.burst)
+        conn.token_time = self._now
+        if self.tls_context is not None:
+            conn.tls = TLS_PEEK
+        self.connections.add(conn)
+        self._waiting.add(conn)
+        self.per_address[host] += 1
         self.selector.register(sock, selectors.EVENT_READ, conn.handler)
         log("connection from %s" % address)
+
+    # -- TLS --------------------------------------------------------------
+
+    def _tls_step(self, conn: Connection) -> None:
+        """Move a TLS connection on, without ever blocking the loop.
+
+        The first byte tells a TLS ClientHello (0x16) from a plain selchat
+        client, which is told in plain text what to do instead.
+        """
+        if conn.tls == TLS_PEEK:
+            try:
+                first = conn.sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(conn, "connection error: %s" % _reason(exc))
+                return
+            if not first:
+                self._lost(conn, "closed the connection before TLS")
+                return
+            if first != b"\x16":
+                log("%s disconnected: plain TCP to a TLS server" % conn.address)
+                self._destroy(conn, "Protocol error: this server speaks TLS; "
+                                    "connect with the client's --tls option")
+                return
+            self.selector.unregister(conn.sock)
+            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
+                                                     do_handshake_on_connect=False)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn.handler)
+            conn.tls = TLS_HANDSHAKE
+        import ssl
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._want(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(conn, selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._lost(conn, "TLS handshake failed: %s" % _reason(exc))
+            return
+        conn.tls = TLS_ON
+        self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+        self._receive(conn)  # the handshake may have brought the first frames along
+
+    def _want(self, conn: Connection, events: int) -> None:
+        conn.writing = bool(events & selectors.EVENT_WRITE)
+        self.selector.modify(conn.sock, events, conn.handler)
 
     # -- reading ----------------------------------------------------------
 
     def _on_client_event(self, conn: Connection, mask: int) -> None:
+        if conn.tls and conn.tls != TLS_ON:
+            self._tls_step(conn)
+            return
         if mask & selectors.EVENT_WRITE:
             self._send(conn)
-        if mask & selectors.EVENT_READ and conn.sock.fileno() >= 0:
-            if conn.large is not None:
-                self._receive_large(conn)
-            else:
-                self._receive(conn)
+        if mask & selectors.EVENT_READ and conn in self.connections:
+            self._receive(conn)
 
     def _receive(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(conn, "connection error: %s" % (exc.strerror or exc))
-            return
-        if not data:
-            self._peer_closed(conn)
-        elif not conn.closing:
-            self._consume(conn, data)
+        # A TLS socket can hold decrypted data that select() does not see:
+        # read on while it has some (a few records at most per turn).
+        for _ in range(8):
+            try:
+                if conn.large is not None:
+                    self._receive_large(conn)
+                else:
+                    data = conn.sock.recv(RECV_SIZE)
+                    if not data:
+                        self._peer_closed(conn)
+                        return
+                    if not conn.closing:
+                        self._consume(conn, data)
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self._lost(conn, "connection error: %s" % _reason(exc))
+                return
+            if conn.tls != TLS_ON or conn not in self.connections or not conn.sock.pending():  # type: ignore[attr-defined]
+                return
 
     def _consume(self, conn: Connection, data: bytes) -> None:
         """Handle every frame in ``data``, keeping only an unfinished tail.
@@ -541,8 +687,11 @@ class ChatServer:
         """
         pos = 0
         end = len(data)
+        if conn.skip:  # the rest of a frame refused for want of memory
+            pos = min(conn.skip, end)
+            conn.skip -= pos
         if conn.tail:
-            pos = self._complete_tail(conn, data)
+            pos = self._complete_tail(conn, data, pos)
             if pos < 0:
                 return
         view = memoryview(data)
@@ -556,8 +705,16 @@ class ChatServer:
             if stop > end:
                 break
             if conn.nick is not None and self._relayable(conn, data, start, stop):
-                if run < 0:
-                    run = pos
+                if self._admit(conn):
+                    if run < 0:
+                        run = pos
+                    pos = stop
+                    continue
+                if run >= 0:  # the frame over the rate ends the run
+                    self._broadcast((view[run:pos],), conn)
+                    run = -1
+                if conn.closing:
+                    return
                 pos = stop
                 continue
             if run >= 0:
@@ -589,9 +746,9 @@ class ChatServer:
                          "in ASCII digits, padded with spaces to %d bytes" % HEADER_SIZE,
                          "bad frame header %r" % header)
             return -1
-        if conn.nick is None and length > MAX_NICK_BYTES:
+        if conn.nick is None and length > MAX_HANDSHAKE_FRAME:
             self._reject(conn, "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
-                         "nickname frame of %d bytes" % length)
+                         "handshake frame of %d bytes" % length)
             return -1
         if length > self.max_message:
             self._reject(conn, "Message too long: %d bytes (limit %d bytes)"
@@ -600,21 +757,23 @@ class ChatServer:
             return -1
         return length
 
-    def _complete_tail(self, conn: Connection, data: bytes) -> int:
-        """Finish the frame begun in an earlier read; return where ``data`` goes on."""
+    def _complete_tail(self, conn: Connection, data: bytes, pos: int) -> int:
+        """Finish the frame begun in an earlier read; return where ``data`` goes on,
+        or -1 when it is all used up (or the connection is done)."""
         tail = conn.tail
-        pos = 0
         if len(tail) < HEADER_SIZE:
-            pos = HEADER_SIZE - len(tail)
-            tail += data[:pos]
+            take = HEADER_SIZE - len(tail)
+            tail += data[pos:pos + take]
+            pos += take
             if len(tail) < HEADER_SIZE:
                 return -1
         length = self._frame_length(conn, bytes(tail[:HEADER_SIZE]))
         if length < 0:
             return -1
         if length >= LARGE_FRAME:
-            self._start_large(conn, length, tail[HEADER_SIZE:], data, pos)
-            return -1
+            conn.tail = bytearray()
+            pos += self._start_large(conn, length, tail[HEADER_SIZE:], data, pos)
+            return -1 if conn.large is not None or conn.skip or pos >= len(data) else pos
         need = HEADER_SIZE + length - len(tail)
         tail += data[pos:pos + need]
         if len(tail) < HEADER_SIZE + length:
@@ -634,30 +793,38 @@ class ChatServer:
         conn.tail = bytearray(data[pos:])
 
     def _start_large(self, conn: Connection, length: int, head: Buffer,
-                     data: bytes, pos: int) -> None:
-        # A large frame gets a buffer of its announced size, filled in place by
-        # recv_into(): no concatenation (quadratic), no second copy.
-        large = bytearray(length)
+                     data: bytes, pos: int) -> int:
+        """Begin a large frame; return how many bytes of data[pos:] belong to it.
+
+        It gets a buffer of its announced size, filled in place by recv_into():
+        no concatenation (quadratic), no second copy. When all large frames
+        arriving at once would pass --max-pending, this one is read and thrown
+        away instead, and its sender is told: the server refuses new work and
+        recovers by itself as the others complete.
+        """
         got = len(head)
-        large[:got] = head
         piece = data[pos:pos + length - got]
+        if self.pending_bytes + length > self.config.max_pending:
+            conn.skip = length - got - len(piece)
+            log("%s: large message refused, %d bytes already arriving"
+                % (conn.name, self.pending_bytes))
+            self._tell(conn, "Not sent: the server is busy receiving other large messages; "
+                             "try again later")
+            return len(piece)
+        large = bytearray(length)
+        large[:got] = head
         large[got:got + len(piece)] = piece
         conn.large = large
         conn.large_got = got + len(piece)
-        conn.tail = bytearray()
+        self.pending_bytes += length
         if conn.large_got == length:
             self._finish_large(conn)
+        return len(piece)
 
     def _receive_large(self, conn: Connection) -> None:
         large = conn.large
         assert large is not None
-        try:
-            count = conn.sock.recv_into(memoryview(large)[conn.large_got:])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(conn, "connection error: %s" % (exc.strerror or exc))
-            return
+        count = conn.sock.recv_into(memoryview(large)[conn.large_got:])
         if not count:
             self._peer_closed(conn)
             return
@@ -665,11 +832,17 @@ class ChatServer:
         if conn.large_got == len(large):
             self._finish_large(conn)
 
-    def _finish_large(self, conn: Connection) -> None:
+    def _drop_large(self, conn: Connection) -> Optional[bytearray]:
         large = conn.large
+        if large is not None:
+            conn.large = None
+            conn.large_got = 0
+            self.pending_bytes -= len(large)
+        return large
+
+    def _finish_large(self, conn: Connection) -> None:
+        large = self._drop_large(conn)
         assert large is not None
-        conn.large = None
-        conn.large_got = 0
         self._handle_frame(conn, large, 0, len(large))
 
     # -- handling one frame -----------------------------------------------
@@ -677,7 +850,11 @@ class ChatServer:
     def _handle_frame(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         """Handle the payload data[start:stop]; False when the connection is done."""
         if conn.nick is None:
+            if conn.asked_nick is not None:
+                return self._check_password(conn, data, start, stop)
             return self._register(conn, data, start, stop)
+        if not self._admit(conn):
+            return not conn.closing
         if not _utf8_valid(data, start, stop):
             self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
             return False
@@ -717,15 +894,60 @@ class ChatServer:
             self._reject(conn, "Nickname rejected: %s" % reason.replace("'", '"'),
                          "nickname rejected: %s" % reason)
             return False
+        if self.password_digest is not None and conn.asked_nick is None:
+            conn.asked_nick = nick
+            self._tell(conn, PASSWORD_REQUEST)
+            return True
+        conn.asked_nick = None
+        self._waiting.discard(conn)
         conn.nick = nick
         conn.nick_bytes = nick.encode("utf-8")
         conn.nick_key = nick.casefold()
         self.users[conn.nick_key] = conn
-        self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave."
-                   % (nick, plural(len(self.users), "user"), QUIT_COMMAND))
+        limit = (" Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
+                 if self.rate else "")
+        self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave.%s"
+                   % (nick, plural(len(self.users), "user"), QUIT_COMMAND, limit))
         self._joined.append(conn)
         log("%s joined as %s" % (conn.address, nick))
         return True
+
+    def _check_password(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
+        # Both sides hashed first: compare_digest() is constant-time only for
+        # inputs of equal length.
+        digest = hashlib.sha256(memoryview(data)[start:stop]).digest()
+        assert self.password_digest is not None and conn.asked_nick is not None
+        if not hmac.compare_digest(digest, self.password_digest):
+            self._reject(conn, "Wrong password", "wrong password")
+            return False
+        nick = conn.asked_nick.encode("utf-8")
+        return self._register(conn, nick, 0, len(nick))
+
+    def _admit(self, conn: Connection) -> bool:
+        """The per-client token bucket: True when this message may go through."""
+        rate = self.rate
+        if not rate:
+            return True
+        now = self._now
+        tokens = conn.tokens + (now - conn.token_time) * rate
+        burst = self.config.burst
+        conn.tokens = tokens if tokens < burst else float(burst)
+        conn.token_time = now
+        if conn.tokens >= 1.0:
+            conn.tokens -= 1.0
+            return True
+        if now - conn.flood_since > FLOOD_WINDOW:
+            conn.flood_since = now
+            conn.dropped = 0
+        conn.dropped += 1
+        if conn.dropped > max(rate * FLOOD_WINDOW, burst):
+            self._reject(conn, "Disconnected: flooding (far over %g messages a second)" % rate,
+                         "flooding")
+        elif now - conn.warned_at >= 1.0:
+            conn.warned_at = now
+            self._tell(conn, "Slow down: at most %g messages a second, bursts of %d; "
+                             "messages over that are not sent" % (rate, burst))
+        return False
 
     def _command(self, conn: Connection, line: str) -> None:
         if not line.startswith("/"):
@@ -795,14 +1017,17 @@ class ChatServer:
         sock = conn.sock
         while out:
             try:
-                if _HAVE_SENDMSG:
+                if conn.tls:
+                    sent = self._send_tls(conn)
+                elif _HAVE_SENDMSG:
+                    # Many queued frames, one system call.
                     sent = sock.sendmsg(list(itertools.islice(out, IOV_MAX)))
                 else:
                     sent = sock.send(out[0])
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 break
             except OSError as exc:
-                self._lost(conn, "connection error: %s" % (exc.strerror or exc))
+                self._lost(conn, "connection error: %s" % _reason(exc))
                 return
             conn.out_size -= sent
             while sent:
@@ -810,8 +1035,10 @@ class ChatServer:
                 if sent >= len(first):
                     sent -= len(first)
                     out.popleft()
+                    conn.partial = False
                 else:
                     out[0] = memoryview(first)[sent:]
+                    conn.partial = True
                     break
             else:
                 continue
@@ -827,6 +1054,25 @@ class ChatServer:
                 self.selector.modify(sock, selectors.EVENT_READ, conn.handler)
             if conn.closing:
                 self._finish_closing(conn)
+
+    def _send_tls(self, conn: Connection) -> int:
+        # SSL sockets have no sendmsg(): join the head of the queue into one
+        # chunk. A write that must wait has to be repeated with the very same
+        # bytes, so the chunk is kept until it has gone.
+        chunk = conn.tls_chunk
+        if chunk is None:
+            parts = []
+            size = 0
+            for buffer in conn.out:
+                parts.append(buffer)
+                size += len(buffer)
+                if size >= RECV_SIZE or len(parts) >= IOV_MAX:
+                    break
+            chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        conn.tls_chunk = chunk
+        sent: int = conn.sock.send(chunk)
+        conn.tls_chunk = None
+        return sent
 
     # -- the end of each turn ---------------------------------------------
 
@@ -873,14 +1119,13 @@ class ChatServer:
             self._accept_paused_until = 0.0
             if self.listener is not None:
                 self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
-        for conn in list(self.connections.values()):
-            if conn.nick is None or conn.closing:
-                if now >= conn.deadline:
-                    if conn.closing:
-                        self._destroy(conn)
-                    else:
-                        self._reject(conn, "No nickname received within %g seconds"
-                                     % self.handshake_timeout, "handshake timeout")
+        for conn in [c for c in self._waiting if now >= c.deadline]:
+            if conn.closing:
+                self._destroy(conn)
+            else:
+                self._waiting.discard(conn)
+                self._reject(conn, "No nickname received within %g seconds"
+                             % self.config.handshake_timeout, "handshake timeout")
 
     # -- closing ----------------------------------------------------------
 
@@ -896,8 +1141,14 @@ class ChatServer:
         self._close_when_done(conn, notice)
 
     def _drop_slow_reader(self, conn: Connection) -> None:
+        # What is queued goes, but a frame already half sent is finished first,
+        # or the notice would land in the middle of it.
+        head = conn.out[0] if conn.partial else None
         conn.out.clear()
         conn.out_size = 0
+        if head is not None:
+            conn.out.append(head)
+            conn.out_size = len(head)
         self._reject(conn, "Disconnected: you were not reading and over %d bytes were "
                      "waiting for you" % self.max_queue, "output queue over --max-queue")
 
@@ -905,8 +1156,10 @@ class ChatServer:
                          grace: float = CLOSE_GRACE) -> None:
         conn.closing = True
         conn.tail = bytearray()
-        conn.large = None
+        conn.skip = 0
+        self._drop_large(conn)
         conn.deadline = time.monotonic() + grace
+        self._waiting.add(conn)
         if notice is not None:
             self._tell(conn, notice)
         elif not conn.out:
@@ -940,16 +1193,26 @@ class ChatServer:
             self._leave_room(conn, why)
         self._destroy(conn)
 
-    def _destroy(self, conn: Connection) -> None:
-        if self.connections.pop(conn.sock, None) is None:
+    def _destroy(self, conn: Connection, farewell: Optional[str] = None) -> None:
+        """Close now; ``farewell`` is one last notice tried without waiting."""
+        if conn not in self.connections:
             return
+        self.connections.discard(conn)
+        self._waiting.discard(conn)
+        self.per_address[conn.host] -= 1
+        if not self.per_address[conn.host]:
+            del self.per_address[conn.host]
         if conn.nick is not None and self.users.get(conn.nick_key) is conn:
             self._leave_room(conn, "closed")
+        self._drop_large(conn)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
+        if farewell is not None:
+            _send_and_close(conn.sock, farewell)
+        else:
+            conn.sock.close()
         conn.out.clear()
         conn.out_size = 0
 
@@ -961,8 +1224,10 @@ class ChatServer:
                 self.selector.unregister(self.listener)
             self.listener.close()
             self.listener = None
-        for conn in list(self.connections.values()):
-            if not conn.closing:
+        for conn in list(self.connections):
+            if conn.tls not in (TLS_NONE, TLS_ON):  # nothing can be said to it yet
+                self._destroy(conn)
+            elif not conn.closing:
                 self._close_when_done(conn, SHUTDOWN_NOTICE, SHUTDOWN_GRACE)
         deadline = time.monotonic() + SHUTDOWN_GRACE
         self._joined = []
@@ -976,8 +1241,8 @@ class ChatServer:
             self._joined = []
             self._left = []
             self._end_of_turn()
-        unsent = sum(1 for c in self.connections.values() if c.out)
-        for conn in list(self.connections.values()):
+        unsent = sum(1 for c in self.connections if c.out)
+        for conn in list(self.connections):
             self._destroy(conn)
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
@@ -992,6 +1257,24 @@ class ChatServer:
 
 
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+
+def _would_block() -> Tuple[Type[BaseException], ...]:
+    errors: List[Type[BaseException]] = [BlockingIOError, InterruptedError]
+    try:
+        import ssl
+        errors += [ssl.SSLWantReadError, ssl.SSLWantWriteError]
+    except ImportError:  # Python built without OpenSSL: no TLS, nothing to add
+        pass
+    return tuple(errors)
+
+
+# What a non-blocking socket, plain or TLS, raises when it cannot go on now.
+_WOULD_BLOCK = _would_block()
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
 
 
 def _names(names: List[str]) -> str:
@@ -1042,7 +1325,13 @@ def _raise_file_limit() -> None:
 
 class Screen:
     """All output of the client goes through here: it knows whether the prompt
-    (and a half-typed line) is showing, and draws it again below a new message."""
+    (and a half-typed line) is showing, and draws it again below a new message.
+
+    The main thread waits in readline's input() while the receiver thread
+    prints. The prompt counts as showing only once readline has drawn it (its
+    pre-input hook says so); a message printed while it is not showing is
+    printed on a cleared line, and the hook then draws the prompt again.
+    """
 
     PROMPT = "> "
 
@@ -1053,12 +1342,15 @@ class Screen:
         self.lock = threading.Lock()
         self.readline: Any = None
         self._redraw: Optional[Callable[[], Any]] = None
+        self._printed = 0            # messages printed while the prompt was not showing
+        self._printed_before_input = 0
         if interactive:
             try:
                 import readline  # POSIX: line editing and history
                 self.readline = readline
             except ImportError:
                 return
+            readline.set_pre_input_hook(self._prompt_drawn)
             # readline.redisplay() only repaints what changed, which after our
             # message is nothing; rl_forced_update_display() repaints the prompt
             # and the typed text on the new line with the cursor where it was.
@@ -1067,6 +1359,39 @@ class Screen:
                 self._redraw = ctypes.CDLL(readline.__file__).rl_forced_update_display
             except Exception:  # no ctypes, or a readline without that function
                 pass
+
+    def before_input(self) -> None:
+        with self.lock:
+            self._printed_before_input = self._printed
+            if self.readline is None:  # no hook will tell us: assume it is drawn
+                self.prompt_showing = True
+
+    def after_input(self) -> None:
+        with self.lock:
+            self.prompt_showing = False
+
+    def _prompt_drawn(self) -> None:
+        with self.lock:
+            self.prompt_showing = True
+            if self._printed != self._printed_before_input:
+                # A message came between input() drawing the prompt and now,
+                # and its line was cleared: draw the prompt again.
+                self._draw_prompt("")
+                self._flush()
+
+    def _draw_prompt(self, typed: str) -> None:
+        if self._redraw is not None:
+            self._flush()
+            self._redraw()
+        else:  # the cursor lands after the text, where it mostly is
+            sys.stdout.write(self.PROMPT + typed)
+
+    @staticmethod
+    def _flush() -> None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
 
     def chat_line(self, stamp: str, nick: str, text: str) -> str:
         shown_nick = sanitize(nick)
@@ -1078,33 +1403,28 @@ class Screen:
         text = sanitize(text)
         return BOLD_RED + text + RESET if self.color else text
 
-    def show(self, line: str) -> None:
+    def show(self, line: str, typed: Optional[str] = None) -> None:
+        """Print a line; ``typed`` is the user's own line the terminal echoed,
+        which the formatted copy replaces."""
         with self.lock:
             try:
-                if self.interactive and self.prompt_showing:
+                if not self.interactive:
+                    sys.stdout.write(line + "\n")
+                elif typed is not None:
+                    rows = _rows(len(self.PROMPT) + _width(typed))
+                    sys.stdout.write("\x1b[%dA\r\x1b[J%s\n" % (rows, line))
+                elif self.prompt_showing:
                     # Clear the prompt line(s), print above, redraw prompt and typed text.
                     typed = self.readline.get_line_buffer() if self.readline else ""
-                    rows = _rows(len(self.PROMPT) + _width(typed))
+                    rows = _rows(len(self.PROMPT) + _width(typed or ""))
                     up = "\x1b[%dA" % (rows - 1) if rows > 1 else ""
                     sys.stdout.write("\r" + up + "\x1b[J" + line + "\n")
-                    if self._redraw is not None:
-                        sys.stdout.flush()
-                        self._redraw()
-                    else:  # the cursor lands after the text, where it mostly is
-                        sys.stdout.write(self.PROMPT + typed)
+                    self._draw_prompt(typed or "")
                 else:
-                    sys.stdout.write(line + "\n")
+                    self._printed += 1
+                    sys.stdout.write("\r\x1b[K" + line + "\n")
                 sys.stdout.flush()
             except (OSError, ValueError):  # stdout closed (for example `| head`)
-                pass
-
-    def erase_input(self, typed: str) -> None:
-        """Remove the line the terminal echoed, so that our formatted copy replaces it."""
-        rows = _rows(len(self.PROMPT) + _width(typed))
-        with self.lock:
-            try:
-                sys.stdout.write("\x1b[%dA\r\x1b[J" % rows)
-            except (OSError, ValueError):
                 pass
 
     def clear_prompt(self) -> None:
@@ -1130,10 +1450,21 @@ def _rows(columns: int) -> int:
 class ChatClient:
     """Connects, sends what the user types, shows what arrives."""
 
-    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool) -> None:
+    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool,
+                 tls_context: Any = None, password: Optional[str] = None) -> None:
         self.host = host
         self.port = port
         self.nick = nick
+        self.tls_context = tls_context
+        self.password = password
+        self.rate = 0.0              # the server's limit, from its welcome: we keep under it
+        self.burst = 1.0
+        self.tokens = 0.0
+        self.token_time = 0.0
+        self._early: List[bytes] = []  # frames read during the handshake
+        self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        self.waiting_for_input = False  # the main thread is blocked reading input
+        self.welcome_shown = threading.Event()
         self.screen = Screen(color, interactive)
         self.interactive = interactive
         self.sock: Optional[socket.socket] = None
@@ -1142,7 +1473,7 @@ class ChatClient:
         self.status = 0
         self.failure: Optional[str] = None
         self.last_notice = ""
-        self.frames = 0
+        self.welcomed = False
         self._receiver: Optional[threading.Thread] = None
 
     @property
@@ -1150,18 +1481,40 @@ class ChatClient:
         return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=10)
-        sock.settimeout(None)
+        """Connect (with TLS when asked), send the nickname and, when the server
+        asks for one, the password."""
+        sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls_context is not None:
+            sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
         sock.sendall(encode_frame(self.nick.encode("utf-8", "surrogatepass")))
+        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        self._decoder = decoder
+        frames: List[bytes] = []
+        while not frames:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            frames = decoder.feed(data)
+        if frames[0] == PASSWORD_REQUEST.encode():
+            password = self.password if self.password is not None else _ask_password()
+            if password is None:
+                raise ConnectionError("the server wants a password: give --password "
+                                      "or set SELCHAT_PASSWORD")
+            sock.sendall(encode_frame(password.encode("utf-8", "surrogatepass")))
+            frames = frames[1:]
+        sock.settimeout(None)
+        self._early = frames
 
     def run(self) -> int:
         try:
             self.connect()
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             _fail("cannot connect to %s: %s" % (self.where, _reason(exc)))
             return 1
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._on_session_ended)
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._receiver.start()
         try:
@@ -1175,9 +1528,12 @@ class ChatClient:
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM
             if not self.finished:
                 self._leave()
-        except OSError as exc:  # sending failed
+        except OSError as exc:  # sending failed: the receiver may know better why
+            self.leaving = True
+            if self._receiver is not None:
+                self._receiver.join(1.0)
             if not self.finished:
-                self.failure = self.failure or "lost: %s" % _reason(exc)
+                self.failure = "lost: %s" % _reason(exc)
                 self.status = 1
         finally:
             if self.interactive:
@@ -1188,32 +1544,76 @@ class ChatClient:
 
     def _type_loop(self) -> None:
         screen = self.screen
+        # The first prompt waits for the welcome, which comes at once.
+        self.welcome_shown.wait(CONNECT_TIMEOUT)
         while not self.finished:
             screen.prompt_showing = True
+            self.waiting_for_input = True
+            screen.before_input()
             try:
+                if self.finished:  # ended before the flag was up: no signal will come
+                    return
                 line = input(screen.PROMPT)
             except EOFError:
                 return
             finally:
-                screen.prompt_showing = False
+                self.waiting_for_input = False
+                screen.after_input()
             if line.strip() == QUIT_COMMAND:
                 return
             if not line.strip():
                 continue
             stamp = self._send(line)
-            screen.erase_input(line)
-            screen.show(screen.chat_line(stamp, self.nick, line))
+            screen.show(screen.chat_line(stamp, self.nick, line), typed=line)
 
     def _pipe_loop(self) -> None:
-        for raw in sys.stdin:
+        while not self.finished:
+            self.waiting_for_input = True
+            try:
+                if self.finished:
+                    return
+                raw = sys.stdin.readline()
+            finally:
+                self.waiting_for_input = False
             line = raw.rstrip("\r\n")
-            if line.strip() == QUIT_COMMAND or self.finished:
+            if not raw or line.strip() == QUIT_COMMAND:
                 return
             if line.strip():
                 self._send(line)
 
+    def _on_session_ended(self, signum: int, frame: Any) -> None:
+        # Runs in the main thread between two of its steps. Only a wait for
+        # input needs breaking; anywhere else the main thread sees `finished`
+        # by itself, and an exception there would land where none is expected.
+        if self.waiting_for_input:
+            raise SessionEnded()
+
+    def _learn_limit(self, welcome: str) -> None:
+        match = re.search(r"Limit: ([0-9.]+) messages a second, bursts of ([0-9]+)", welcome)
+        if match:
+            # A little under the server's figures, for the clocks' sake.
+            self.rate = float(match.group(1)) * 0.9
+            self.burst = max(float(match.group(2)) * 0.9, 1.0)
+            self.tokens = self.burst
+            self.token_time = time.monotonic()
+
+    def _pace(self) -> None:
+        """Wait, when a pasted or piped flood would pass the server's rate limit,
+        rather than have the server drop what is over it."""
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.token_time) * self.rate)
+        self.token_time = now
+        if self.tokens < 1.0:
+            time.sleep((1.0 - self.tokens) / self.rate)
+            self.tokens = 1.0
+            self.token_time = time.monotonic()
+        self.tokens -= 1.0
+
     def _send(self, line: str) -> str:
         assert self.sock is not None
+        self._pace()
         stamp = now_stamp()
         payload = "\0".join((stamp, self.nick, line)).encode("utf-8", "surrogatepass")
         self.sock.sendall(encode_frame(payload))
@@ -1230,14 +1630,16 @@ class ChatClient:
                 pass
         if self._receiver is not None:
             self._receiver.join(5.0 if not self.interactive else 2.0)
-        self.status = 0
-        self.failure = None
 
     def _receive(self) -> None:
         assert self.sock is not None
-        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        decoder = self._decoder
         reason = "the server closed the connection"
         try:
+            for payload in self._early:
+                if self._show(payload):
+                    self._end(0, None)
+                    return
             while True:
                 data = self.sock.recv(65536)
                 if not data:
@@ -1249,33 +1651,41 @@ class ChatClient:
         except ProtocolError as exc:
             reason = "protocol error: %s" % exc
         except OSError as exc:
-            reason = _reason(exc)
-        if self.leaving:
+            # A TLS peer that closes without a close_notify has still closed.
+            if exc.__class__.__name__ != "SSLEOFError":
+                reason = _reason(exc)
+        if not self.welcomed:  # turned away at the door, even if we were leaving
+            self._end(1, "refused by the server: %s" % sanitize(self.last_notice)
+                      if self.last_notice else "lost: %s" % reason)
+        elif self.leaving:
             self._end(0, None)
-        elif self.frames == 1 and self.last_notice and QUIT_COMMAND not in self.last_notice:
-            # Turned away at the door: the welcome (which names <quit<) never came.
-            self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
         else:
             self._end(1, "lost: %s" % reason)
 
     def _show(self, payload: bytes) -> bool:
         """Print one payload; True when it is the server's shutdown notice."""
-        self.frames += 1
         stamp, nick, text = unpack_message(payload)
+        if not self.welcomed and stamp is None and QUIT_COMMAND in text:
+            # The welcome: the one frame that says how to leave.
+            self.welcomed = True
+            self._learn_limit(text)
         if stamp is None or nick is None:
             self.screen.show(self.screen.service_line(text))
             self.last_notice = text
+            if self.welcomed:
+                self.welcome_shown.set()
             return text == SHUTDOWN_NOTICE
         self.screen.show(self.screen.chat_line(stamp, nick, text))
         return False
 
     def _end(self, status: int, failure: Optional[str]) -> None:
         """The session is over: record why and wake the main thread out of input()."""
-        self.finished = True
-        if self.leaving:
-            return
+        self.welcome_shown.set()
         self.status = status
         self.failure = failure
+        self.finished = True
+        if self.leaving:  # the main thread is already on its way out
+            return
         self.leaving = True
         main = threading.main_thread().ident
         if hasattr(signal, "pthread_kill") and main is not None:
@@ -1290,14 +1700,25 @@ class ChatClient:
 
 
 class SessionEnded(Exception):
-    """Raised in the main thread when the receiver has seen the session end."""
+    """Raised in the main thread, waiting for input, when the receiver has seen
+    the session end."""
 
 
-def _session_ended(signum: int, frame: Any) -> None:
-    raise SessionEnded()
+def _ask_password() -> Optional[str]:
+    """Ask on the terminal without echo; None when there is no terminal to ask on."""
+    if not sys.stdin.isatty():
+        return None
+    import getpass
+    try:
+        return getpass.getpass("Password: ")
+    except EOFError:
+        return None
 
 
 def _reason(exc: BaseException) -> str:
+    verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
+    if verify:
+        return "certificate verify failed: %s" % verify
     if isinstance(exc, socket.gaierror):
         return "cannot resolve host name (%s)" % exc.strerror
     if isinstance(exc, socket.timeout):
@@ -1346,6 +1767,23 @@ def _non_negative(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
     if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if not value:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if not value >= 0:
         raise argparse.ArgumentTypeError("must not be negative")
     return value
 
@@ -1401,7 +1839,31 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
                         default=DEFAULT_HANDSHAKE_TIMEOUT,
                         help="time a new connection has to send its nickname "
-                             "(default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
+                             "(and password) (default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
+    server.add_argument("--rate", type=_non_negative_float, default=DEFAULT_RATE,
+                        metavar="MSGS_PER_SECOND",
+                        help="messages a second one client may send, 0 for no limit; "
+                             "more is not relayed, and a client that keeps flooding is "
+                             "disconnected (default: %g)" % DEFAULT_RATE)
+    server.add_argument("--burst", type=_positive, default=DEFAULT_BURST, metavar="N",
+                        help="messages a client may send at once before --rate applies "
+                             "(default: %d)" % DEFAULT_BURST)
+    server.add_argument("--max-per-address", type=_non_negative, default=None, metavar="N",
+                        help="connections from one address, 0 for no limit (default: %d, "
+                             "loopback exempt)" % DEFAULT_MAX_PER_ADDRESS)
+    server.add_argument("--max-pending", type=_non_negative, default=DEFAULT_MAX_PENDING,
+                        metavar="BYTES",
+                        help="memory for large messages still arriving, all clients "
+                             "together; past it new ones are refused for a while "
+                             "(default: %d)" % DEFAULT_MAX_PENDING)
+    server.add_argument("--tls-cert", metavar="FILE",
+                        help="serve TLS with this certificate (PEM; may hold the key too)")
+    server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    server.add_argument("--password", default=os.environ.get("SELCHAT_PASSWORD"),
+                        help="password every client must give ($SELCHAT_PASSWORD; "
+                             "--password-file keeps it out of ps)")
+    server.add_argument("--password-file", metavar="FILE",
+                        help="read the password from the first line of FILE")
 
     client = commands.add_parser(
         "client", formatter_class=_HelpFormatter, help="join a chat server",
@@ -1417,12 +1879,40 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--nick", help="your nickname (asked for when missing)")
     client.add_argument("--no-color", action="store_true",
                         help="no colours (also when NO_COLOR is set or output is not a terminal)")
+    client.add_argument("--tls", action="store_true",
+                        help="connect with TLS, checking the server's certificate and name "
+                             "against the system's trusted authorities")
+    client.add_argument("--cafile", metavar="FILE",
+                        help="trust the certificates in FILE (PEM), for example a "
+                             "self-signed server's; implies --tls")
+    client.add_argument("--password", default=os.environ.get("SELCHAT_PASSWORD"),
+                        help="the server's password ($SELCHAT_PASSWORD; asked for "
+                             "without echo when the server wants one)")
     return parser
 
 
 def run_server(args: argparse.Namespace) -> int:
-    server = ChatServer(args.host, args.port, args.max_message, args.max_queue,
-                        args.max_clients, args.handshake_timeout)
+    password = args.password
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as file:
+                password = file.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            log("cannot read the password file %s: %s" % (args.password_file, _reason(exc)))
+            return 1
+        if not password:
+            log("the password file %s is empty" % args.password_file)
+            return 1
+    if args.tls_key and not args.tls_cert:
+        log("--tls-key needs --tls-cert")
+        return 1
+    config = ServerConfig(
+        host=args.host, port=args.port, max_message=args.max_message,
+        max_queue=args.max_queue, max_clients=args.max_clients,
+        handshake_timeout=args.handshake_timeout, rate=args.rate, burst=args.burst,
+        max_per_address=args.max_per_address, max_pending=args.max_pending,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, password=password or None)
+    server = ChatServer(config)
     try:
         server.listen()
     except OSError as exc:
@@ -1469,11 +1959,18 @@ def run_client(args: argparse.Namespace) -> int:
     color = interactive and use_color(args.no_color)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, _session_ended)
+    tls_context = None
+    if args.tls or args.cafile:
+        import ssl
+        try:
+            tls_context = ssl.create_default_context(cafile=args.cafile)
+        except (OSError, ValueError) as exc:
+            _fail("cannot use the CA file %s: %s" % (args.cafile, _reason(exc)))
+            return 1
     saved = _save_terminal()
     try:
-        return ChatClient(args.host, args.port, nick, color, interactive).run()
+        return ChatClient(args.host, args.port, nick, color, interactive,
+                          tls_context, args.password).run()
     finally:
         _restore_terminal(saved)
 
