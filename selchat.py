@@ -99,6 +99,8 @@ RECV_SIZE = 256 * 1024
 # Frames announced larger than this are read with recv_into() a buffer of their
 # own size instead of being assembled from pieces.
 LARGE_FRAME = 64 * 1024
+# UTF-8 is checked by decoding (and throwing away) at most this much at once.
+UTF8_CHUNK = 1 << 20
 # The client refuses frames larger than this from a server.
 CLIENT_MAX_FRAME = 256 << 20
 CONNECT_TIMEOUT = 15.0
@@ -320,12 +322,12 @@ def _utf8_valid(buffer: Any, start: int, stop: int) -> bool:
     """Whether buffer[start:stop] is UTF-8, without decoding a large one in one piece."""
     view = memoryview(buffer)[start:stop]
     try:
-        if stop - start <= LARGE_FRAME:
+        if stop - start <= UTF8_CHUNK:
             str(view, "utf-8")
         else:
             decoder = codecs.getincrementaldecoder("utf-8")()
-            for offset in range(0, stop - start, LARGE_FRAME):
-                decoder.decode(view[offset:offset + LARGE_FRAME])
+            for offset in range(0, stop - start, UTF8_CHUNK):
+                decoder.decode(view[offset:offset + UTF8_CHUNK])
             decoder.decode(b"", True)
     except UnicodeDecodeError:
         return False
@@ -374,7 +376,8 @@ class ServerConfig:
 class Connection:
     """One client socket and the state that belongs to it."""
 
-    __slots__ = ("sock", "host", "address", "nick", "nick_bytes", "nick_key", "asked_nick",
+    __slots__ = ("sock", "host", "address", "nick", "nick_bytes", "nick_field", "nick_key",
+                 "asked_nick",
                  "tail", "large", "large_got", "skip", "out", "out_size", "writing", "dirty",
                  "partial", "closing", "eof", "deadline", "handler", "tls", "tls_chunk",
                  "tokens",
@@ -387,6 +390,7 @@ class Connection:
         self.nick: Optional[str] = None          # set once the nickname is accepted
         self.asked_nick: Optional[str] = None    # the nickname, while the password is awaited
         self.nick_bytes = b""
+        self.nick_field = b""                    # b"\0nick\0": how the hot path knows it
         self.nick_key = ""
         self.tail = bytearray()                  # the unfinished frame of the last read
         self.large: Optional[bytearray] = None   # a large frame being read in place
@@ -694,8 +698,9 @@ class ChatServer:
             pos = self._complete_tail(conn, data, pos)
             if pos < 0:
                 return
-        view = memoryview(data)
         run = -1  # start of the run of frames to relay verbatim
+        nick_field = conn.nick_field  # b"\0nick\0" once registered
+        limited = self.rate > 0
         while end - pos >= HEADER_SIZE:
             length = self._frame_length(conn, data[pos:pos + HEADER_SIZE])
             if length < 0:
@@ -704,38 +709,57 @@ class ChatServer:
             stop = start + length
             if stop > end:
                 break
-            if conn.nick is not None and self._relayable(conn, data, start, stop):
-                if self._admit(conn):
-                    if run < 0:
-                        run = pos
+            if nick_field:
+                # The hot path: a chat message that already carries the sender's
+                # nickname and some text joins the run, unread beyond that.
+                first = data.find(b"\0", start, stop)
+                if (first >= 0 and data.startswith(nick_field, first)
+                        and first + len(nick_field) < stop):
+                    if not limited or self._admit(conn):
+                        if run < 0:
+                            run = pos
+                        pos = stop
+                        continue
+                    # Over the rate: the frame is dropped and ends the run.
+                    if run >= 0 and not self._relay_run(conn, data, run, pos):
+                        return
+                    run = -1
+                    if conn.closing:
+                        return
                     pos = stop
                     continue
-                if run >= 0:  # the frame over the rate ends the run
-                    self._broadcast((view[run:pos],), conn)
-                    run = -1
-                if conn.closing:
-                    return
-                pos = stop
-                continue
             if run >= 0:
-                self._broadcast((view[run:pos],), conn)
+                if not self._relay_run(conn, data, run, pos):
+                    return
                 run = -1
             if not self._handle_frame(conn, data, start, stop):
                 return
             pos = stop
-        if run >= 0:
-            self._broadcast((view[run:pos],), conn)
+        if run >= 0 and not self._relay_run(conn, data, run, pos):
+            return
         if pos < end and not conn.closing:
             self._keep_tail(conn, data, pos)
 
-    def _relayable(self, conn: Connection, data: bytes, start: int, stop: int) -> bool:
-        first = data.find(b"\0", start, stop)
-        if first < 0:
-            return False
-        second = data.find(b"\0", first + 1, stop)
-        return (second >= 0 and second + 1 < stop
-                and data[first + 1:second] == conn.nick_bytes
-                and _utf8_valid(data, start, stop))
+    def _relay_run(self, conn: Connection, data: bytes, run: int, stop: int) -> bool:
+        """Broadcast the frames in data[run:stop] as one shared slice.
+
+        Headers are ASCII, so the run is UTF-8 exactly when every payload in it
+        is: one check covers them all. When it fails, the frames before the bad
+        one still go out, and the sender is closed.
+        """
+        if _utf8_valid(data, run, stop):
+            self._broadcast((memoryview(data)[run:stop],), conn)
+            return True
+        good = run
+        while good < stop:
+            end = good + HEADER_SIZE + parse_header(data[good:good + HEADER_SIZE])
+            if not _utf8_valid(data, good + HEADER_SIZE, end):
+                break
+            good = end
+        if good > run:
+            self._broadcast((memoryview(data)[run:good],), conn)
+        self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
+        return False
 
     def _frame_length(self, conn: Connection, header: bytes) -> int:
         """The announced length, or -1 after closing a connection that broke the rules."""
@@ -902,6 +926,7 @@ class ChatServer:
         self._waiting.discard(conn)
         conn.nick = nick
         conn.nick_bytes = nick.encode("utf-8")
+        conn.nick_field = b"\0" + conn.nick_bytes + b"\0"
         conn.nick_key = nick.casefold()
         self.users[conn.nick_key] = conn
         limit = (" Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
