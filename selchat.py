@@ -1368,6 +1368,7 @@ class Screen:
         self.readline: Any = None
         self._redraw: Optional[Callable[[], Any]] = None
         self._printed = 0            # messages printed while the prompt was not showing
+        self.in_hook = False         # readline's pre-input hook is running
         self._printed_before_input = 0
         if interactive:
             try:
@@ -1396,13 +1397,17 @@ class Screen:
             self.prompt_showing = False
 
     def _prompt_drawn(self) -> None:
-        with self.lock:
-            self.prompt_showing = True
-            if self._printed != self._printed_before_input:
-                # A message came between input() drawing the prompt and now,
-                # and its line was cleared: draw the prompt again.
-                self._draw_prompt("")
-                self._flush()
+        self.in_hook = True  # readline swallows exceptions raised in its hooks
+        try:
+            with self.lock:
+                self.prompt_showing = True
+                if self._printed != self._printed_before_input:
+                    # A message came between input() drawing the prompt and
+                    # now, and its line was cleared: draw the prompt again.
+                    self._draw_prompt("")
+                    self._flush()
+        finally:
+            self.in_hook = False
 
     def _draw_prompt(self, typed: str) -> None:
         if self._redraw is not None:
@@ -1490,6 +1495,8 @@ class ChatClient:
         self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
         self.waiting_for_input = False  # the main thread is blocked reading input
         self.welcome_shown = threading.Event()
+        self._main_left = threading.Event()  # the main thread no longer waits for input
+        self.saved_terminal: Any = None        # termios settings, for a last-resort exit
         self.screen = Screen(color, interactive)
         self.interactive = interactive
         self.sock: Optional[socket.socket] = None
@@ -1543,10 +1550,13 @@ class ChatClient:
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._receiver.start()
         try:
-            if self.interactive:
-                self._type_loop()
-            else:
-                self._pipe_loop()
+            try:
+                if self.interactive:
+                    self._type_loop()
+                else:
+                    self._pipe_loop()
+            finally:
+                self._main_left.set()
             self._leave()
         except SessionEnded:
             pass
@@ -1610,7 +1620,7 @@ class ChatClient:
         # Runs in the main thread between two of its steps. Only a wait for
         # input needs breaking; anywhere else the main thread sees `finished`
         # by itself, and an exception there would land where none is expected.
-        if self.waiting_for_input:
+        if self.waiting_for_input and not self.screen.in_hook:
             raise SessionEnded()
 
     def _learn_limit(self, welcome: str) -> None:
@@ -1715,13 +1725,24 @@ class ChatClient:
         main = threading.main_thread().ident
         if hasattr(signal, "pthread_kill") and main is not None:
             # A signal aimed at the main thread interrupts the read() it is
-            # blocked in, so the client leaves without waiting for Enter.
-            signal.pthread_kill(main, signal.SIGUSR1)
-        else:  # Windows: a console read cannot be interrupted, so finish here
-            if failure:
-                _fail("connection to %s %s" % (self.where, failure))
+            # blocked in, so the client leaves without waiting for Enter. It
+            # is sent again while the main thread has not left: one that lands
+            # in a readline hook is lost.
+            for _ in range(20):
+                signal.pthread_kill(main, signal.SIGUSR1)
+                if self._main_left.wait(0.1):
+                    return
+        # Windows, where a console read cannot be interrupted, or a main thread
+        # that would not leave: finish from here.
+        self.screen.clear_prompt()
+        if failure:
+            _fail("connection to %s %s" % (self.where, failure))
+        _restore_terminal(self.saved_terminal)
+        try:
             sys.stdout.flush()
-            os._exit(status)
+        except (OSError, ValueError):
+            pass
+        os._exit(status)
 
 
 class SessionEnded(Exception):
@@ -1992,10 +2013,11 @@ def run_client(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _fail("cannot use the CA file %s: %s" % (args.cafile, _reason(exc)))
             return 1
-    saved = _save_terminal()
+    client = ChatClient(args.host, args.port, nick, color, interactive, tls_context,
+                        args.password)
+    client.saved_terminal = saved = _save_terminal()
     try:
-        return ChatClient(args.host, args.port, nick, color, interactive,
-                          tls_context, args.password).run()
+        return client.run()
     finally:
         _restore_terminal(saved)
 
