@@ -68,6 +68,7 @@ DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_QUEUE = 16 << 20
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_HISTORY = 50
 MAX_NICK_LENGTH = 32
 # A nickname frame longer than this cannot hold 32 code points of UTF-8.
 MAX_NICK_BYTES = MAX_NICK_LENGTH * 4
@@ -90,6 +91,16 @@ HOUSEKEEPING_INTERVAL = 0.25
 # Join and leave notices are coalesced per turn of the event loop; at most this
 # many names are spelled out in one notice.
 NOTICE_NAMES = 10
+# Private messages and actions travel as chat messages whose nick field holds a
+# space ("[private] alice -> bob", "* alice"): no registered nickname can, so
+# nobody can forge one with an ordinary message, and a seed client shows them
+# readably as they are.
+PRIVATE_MARK = "[private]"
+ACTION_MARK = "*"
+# The replayed history is framed by these service messages.
+HISTORY_BEGIN = "--- %s from before you joined ---"
+HISTORY_END = "--- end of earlier messages ---"
+RENAMED = "You are now known as "
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (AttributeError, ValueError, OSError):
@@ -218,6 +229,11 @@ def now_stamp() -> str:
     return now.isoformat(timespec="seconds")
 
 
+def utc_stamp() -> str:
+    """The server's time, for the lines it composes itself (actions, private messages)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def parse_stamp(stamp: str) -> dt.datetime:
     """Read an ISO-8601 time with a UTC offset; ValueError when it is not one."""
     text = stamp.strip()
@@ -290,6 +306,19 @@ def plural(count: int, word: str) -> str:
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
 
 
+def duration(seconds: float) -> str:
+    """A short, rounded-down length of time: ``40 s``, ``12 min``, ``3 h 5 min``, ``2 d 1 h``."""
+    whole = max(int(seconds), 0)
+    minutes, hours, days = whole // 60, whole // 3600, whole // 86400
+    if whole < 60:
+        return "%d s" % whole
+    if whole < 3600:
+        return "%d min" % minutes
+    if whole < 86400:
+        return "%d h %d min" % (hours, minutes % 60)
+    return "%d d %d h" % (days, hours % 24)
+
+
 def log(message: str) -> None:
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     try:
@@ -327,7 +356,8 @@ class Connection:
 
     __slots__ = ("sock", "address", "nick", "nick_bytes", "nick_key", "tail", "large",
                  "large_got", "out", "out_size", "writing", "dirty", "closing", "eof",
-                 "deadline", "handler")
+                 "deadline", "handler",
+                 "joined")
 
     def __init__(self, sock: socket.socket, address: str, deadline: float) -> None:
         self.sock = sock
@@ -346,6 +376,7 @@ class Connection:
         self.eof = False                         # the peer has closed its side
         self.deadline = deadline                 # handshake or close deadline (monotonic)
         self.handler: Callable[[int], None] = lambda mask: None
+        self.joined = 0.0                        # when the nickname was accepted (monotonic)
 
     @property
     def name(self) -> str:
@@ -358,7 +389,8 @@ class ChatServer:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  max_message: int = DEFAULT_MAX_MESSAGE, max_queue: Optional[int] = None,
                  max_clients: int = DEFAULT_MAX_CLIENTS,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 history: int = DEFAULT_HISTORY) -> None:
         self.host = host
         self.port = port
         self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
@@ -380,6 +412,13 @@ class ChatServer:
         self._next_housekeeping = 0.0
         self._spare_fd: Optional[int] = None
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+        # The last chat messages as the frames that were relayed (slices of what
+        # was received, never copies), replayed to every newcomer. It must fit
+        # in one client's queue, so it also keeps to half of --max-queue.
+        self.history_size = history
+        self.history: Deque[Tuple[int, Tuple[Buffer, ...]]] = collections.deque()  # (size, frame)
+        self._history_bytes = 0
+        self._history_limit = self.max_queue // 2
 
     # -- setting up -------------------------------------------------------
 
@@ -562,12 +601,16 @@ class ChatServer:
                 continue
             if run >= 0:
                 self._broadcast((view[run:pos],), conn)
+                if self.history_size:
+                    self._remember_run(data, view, run, pos)
                 run = -1
             if not self._handle_frame(conn, data, start, stop):
                 return
             pos = stop
         if run >= 0:
             self._broadcast((view[run:pos],), conn)
+            if self.history_size:
+                self._remember_run(data, view, run, pos)
         if pos < end and not conn.closing:
             self._keep_tail(conn, data, pos)
 
@@ -695,12 +738,14 @@ class ChatServer:
         # Relay with the registered nickname in place of whatever was sent.
         head = b"".join((bytes(data[start:first]), b"\0", conn.nick_bytes, b"\0"))
         size = len(head) + stop - second - 1
+        frame: Tuple[Buffer, ...]
         if size < LARGE_FRAME:
-            self._broadcast((b"".join((frame_header(size), head,
-                                       bytes(data[second + 1:stop]))),), conn)
+            frame = (b"".join((frame_header(size), head, bytes(data[second + 1:stop]))),)
         else:  # the text is shared by every receiver, never copied
-            self._broadcast((frame_header(size) + head,
-                             memoryview(data)[second + 1:stop]), conn)
+            frame = (frame_header(size) + head, memoryview(data)[second + 1:stop])
+        self._broadcast(frame, conn)
+        if self.history_size:
+            self._remember(HEADER_SIZE + size, frame)
         return True
 
     def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
@@ -723,6 +768,8 @@ class ChatServer:
         self.users[conn.nick_key] = conn
         self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave."
                    % (nick, plural(len(self.users), "user"), QUIT_COMMAND))
+        conn.joined = time.monotonic()
+        self._replay_history(conn)
         self._joined.append(conn)
         log("%s joined as %s" % (conn.address, nick))
         return True
@@ -739,18 +786,120 @@ class ChatServer:
         else:
             handler(self, conn, line)
 
+    # -- commands ---------------------------------------------------------
+    # Each handler's docstring is its line in /help.
+
     def _cmd_help(self, conn: Connection, line: str) -> None:
-        self._tell(conn, "Commands: /help (this list), /who (who is online). "
-                   "Type %s to leave." % QUIT_COMMAND)
+        """/help: this list"""
+        usage = "; ".join((handler.__doc__ or "").strip() for handler in self.COMMANDS.values())
+        self._tell(conn, "Commands: %s. Start a message with // to send it with a single /. "
+                   "Type %s to leave." % (usage, QUIT_COMMAND))
 
     def _cmd_who(self, conn: Connection, line: str) -> None:
-        names = sorted((c.nick or "" for c in self.users.values()), key=str.casefold)
-        self._tell(conn, "%s online: %s" % (plural(len(names), "user"), ", ".join(names)))
+        """/who: who is online, and since when"""
+        now = time.monotonic()
+        users = sorted(self.users.values(), key=lambda user: user.nick_key)
+        self._tell(conn, "%s online: %s" % (
+            plural(len(users), "user"),
+            ", ".join("%s (joined %s ago)" % (user.nick, duration(now - user.joined))
+                      for user in users)))
+
+    def _cmd_msg(self, conn: Connection, line: str) -> None:
+        """/msg NICK TEXT: a private message to NICK alone"""
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            self._tell(conn, "Not sent: type /msg NICK TEXT")
+            return
+        target = self.users.get(parts[1].casefold())
+        if target is None:
+            self._tell(conn, "Not sent: nobody called %s is online (/who lists who is)"
+                       % parts[1][:MAX_NICK_LENGTH])
+            return
+        field = "%s %s -> %s" % (PRIVATE_MARK, conn.nick, target.nick)
+        frame = (encode_frame("\0".join((utc_stamp(), field, parts[2])).encode("utf-8")),)
+        # Both ends see it, so the sender knows it went out and to whom.
+        self._deliver(target, frame)
+        if target is not conn:
+            self._deliver(conn, frame)
+
+    def _cmd_nick(self, conn: Connection, line: str) -> None:
+        """/nick NEW: change your nickname"""
+        parts = line.split()
+        if len(parts) != 2:
+            self._tell(conn, "Nickname not changed: type /nick NEW")
+            return
+        old, new = conn.nick or "", parts[1]
+        if new == old:
+            self._tell(conn, "Nickname not changed: you are %s already" % new)
+            return
+        reason = check_nick(new)
+        taken = self.users.get(new.casefold())
+        if reason is None and taken is not None and taken is not conn:
+            reason = "%r is already in use" % new
+        if reason is not None:
+            self._tell(conn, "Nickname not changed: %s" % reason.replace("'", '"'))
+            return
+        del self.users[conn.nick_key]
+        conn.nick = new
+        conn.nick_bytes = new.encode("utf-8")
+        conn.nick_key = new.casefold()
+        self.users[conn.nick_key] = conn
+        self._tell(conn, RENAMED + new)
+        if conn not in self._joined:  # otherwise the join notice names the new nickname
+            self._broadcast((encode_frame(("%s is now known as %s" % (old, new))
+                                          .encode("utf-8")),), conn)
+        log("%s (%s) is now known as %s" % (old, conn.address, new))
+
+    def _cmd_me(self, conn: Connection, line: str) -> None:
+        """/me ACTION: tell the room what you do (* alice waves)"""
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            self._tell(conn, "Not sent: type /me ACTION")
+            return
+        field = "%s %s" % (ACTION_MARK, conn.nick)
+        frame = encode_frame("\0".join((utc_stamp(), field, parts[1])).encode("utf-8"))
+        self._broadcast((frame,))  # the sender too: the server wrote this line
+        if self.history_size:
+            self._remember(len(frame), (frame,))
 
     COMMANDS: Dict[str, Callable[[ChatServer, Connection, str], None]] = {
         "/help": _cmd_help,
         "/who": _cmd_who,
+        "/msg": _cmd_msg,
+        "/nick": _cmd_nick,
+        "/me": _cmd_me,
     }
+
+    # -- history ----------------------------------------------------------
+
+    def _remember_run(self, data: bytes, view: memoryview, start: int, stop: int) -> None:
+        """Remember the frames of a relayed run as slices of what was received.
+        Only the last --history of them can stay, so only those are sliced."""
+        starts = []
+        while start < stop:
+            starts.append(start)
+            start += HEADER_SIZE + int(data[start:start + HEADER_SIZE])  # checked already
+        starts.append(stop)
+        for index in range(max(0, len(starts) - 1 - self.history_size), len(starts) - 1):
+            begin, end = starts[index], starts[index + 1]
+            self._remember(end - begin, (view[begin:end],))
+
+    def _remember(self, size: int, frame: Tuple[Buffer, ...]) -> None:
+        history = self.history
+        history.append((size, frame))
+        self._history_bytes += size
+        while len(history) > self.history_size or self._history_bytes > self._history_limit:
+            self._history_bytes -= history.popleft()[0]
+
+    def _replay_history(self, conn: Connection) -> None:
+        if not self.history:
+            return
+        begin = HISTORY_BEGIN % plural(len(self.history), "message")
+        buffers: List[Buffer] = [encode_frame(begin.encode("utf-8"))]
+        for _, frame in self.history:
+            buffers.extend(frame)
+        buffers.append(encode_frame(HISTORY_END.encode("utf-8")))
+        self._queue(conn, buffers)
 
     # -- writing ----------------------------------------------------------
 
@@ -764,6 +913,12 @@ class ChatServer:
         conn.out.extend(buffers)
         for buffer in buffers:
             conn.out_size += len(buffer)
+
+    def _deliver(self, conn: Connection, buffers: Sequence[Buffer]) -> None:
+        """Queue a message from another user for one client, with the queue limit."""
+        self._queue(conn, buffers)
+        if conn.out_size > self.max_queue and len(conn.out) > len(buffers):
+            self._overflowed.append(conn)
 
     def _broadcast(self, buffers: Sequence[Buffer], sender: Optional[Connection] = None,
                    skip: Iterable[Connection] = ()) -> None:
@@ -1402,6 +1557,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_HANDSHAKE_TIMEOUT,
                         help="time a new connection has to send its nickname "
                              "(default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
+    server.add_argument("--history", type=_non_negative, default=DEFAULT_HISTORY, metavar="N",
+                        help="chat messages replayed to a newcomer, 0 for none "
+                             "(default: %d)" % DEFAULT_HISTORY)
 
     client = commands.add_parser(
         "client", formatter_class=_HelpFormatter, help="join a chat server",
@@ -1422,7 +1580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_server(args: argparse.Namespace) -> int:
     server = ChatServer(args.host, args.port, args.max_message, args.max_queue,
-                        args.max_clients, args.handshake_timeout)
+                        args.max_clients, args.handshake_timeout, args.history)
     try:
         server.listen()
     except OSError as exc:
