@@ -43,6 +43,8 @@ import errno
 import functools
 import itertools
 import os
+import random
+import re
 import selectors
 import signal
 import socket
@@ -101,6 +103,12 @@ ACTION_MARK = "*"
 HISTORY_BEGIN = "--- %s from before you joined ---"
 HISTORY_END = "--- end of earlier messages ---"
 RENAMED = "You are now known as "
+# The interactive client reconnects after this many seconds, doubling up to
+# the maximum; a client remembers this many shown messages so that history
+# replayed after a reconnect shows only what it missed.
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 30.0
+SEEN_MEMORY = 2000
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (AttributeError, ValueError, OSError):
@@ -108,6 +116,9 @@ except (AttributeError, ValueError, OSError):
 
 RESET = "\x1b[0m"
 BOLD_RED = "\x1b[1;31m"
+PRIVATE_STYLE = "\x1b[1;35m"
+MENTION_STYLE = "\x1b[1;7m"   # bold, reversed: stands out on every theme
+BELL = "\a"
 # SGR colours for nicknames: every foreground colour but red (31, 91), which
 # belongs to service messages, and black/white, which vanish on some themes.
 NICK_COLORS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96",
@@ -261,6 +272,35 @@ def format_time(stamp: str, now: Optional[dt.datetime] = None,
     if local.date() == today.date():
         return local.strftime("%H:%M:%S")
     return local.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_nick_field(field: str) -> Tuple[str, str, str]:
+    """What a chat message's nick field says: (kind, nick, other).
+
+    ``("chat", "alice", "")`` for an ordinary message, ``("action", "alice", "")``
+    for ``* alice``, ``("private", "alice", "bob")`` for ``[private] alice -> bob``.
+    Only the server writes a field with a space in it.
+    """
+    if " " in field:
+        mark, _, rest = field.partition(" ")
+        if mark == ACTION_MARK and " " not in rest:
+            return "action", rest, ""
+        sender, arrow, receiver = rest.partition(" -> ")
+        if mark == PRIVATE_MARK and arrow and " " not in sender + receiver:
+            return "private", sender, receiver
+    return "chat", field, ""
+
+
+@functools.lru_cache(maxsize=16)
+def _mention_pattern(nick: str) -> "re.Pattern[str]":
+    return re.compile(r"(?<!\w)%s(?!\w)" % re.escape(nick), re.IGNORECASE)
+
+
+def find_mentions(text: str, nick: str) -> List[Tuple[int, int]]:
+    """Where ``nick`` appears in ``text`` as a word of its own, in any case."""
+    if not nick:
+        return []
+    return [match.span() for match in _mention_pattern(nick).finditer(text)]
 
 
 def _escape_table() -> Dict[int, str]:
@@ -1223,17 +1263,45 @@ class Screen:
             except Exception:  # no ctypes, or a readline without that function
                 pass
 
-    def chat_line(self, stamp: str, nick: str, text: str) -> str:
-        shown_nick = sanitize(nick)
+    def chat_line(self, stamp: str, field: str, text: str,
+                  mentions: Sequence[Tuple[int, int]] = ()) -> str:
+        """``[time] nick: text``, ``[time] * nick action`` or
+        ``[time] [private] sender -> receiver: text``, with ``mentions`` (spans of
+        ``text``) highlighted."""
+        kind, nick, other = read_nick_field(field)
+        shown = self._text(text, mentions)
+        if kind == "action":
+            return "[%s] %s %s %s" % (format_time(stamp), ACTION_MARK, self._nick(nick), shown)
+        if kind == "private":
+            mark = PRIVATE_STYLE + PRIVATE_MARK + RESET if self.color else PRIVATE_MARK
+            return "[%s] %s %s -> %s: %s" % (format_time(stamp), mark, self._nick(nick),
+                                             self._nick(other), shown)
+        return "[%s] %s: %s" % (format_time(stamp), self._nick(nick), shown)
+
+    def _nick(self, nick: str) -> str:
         if self.color:
-            shown_nick = "\x1b[%sm%s%s" % (nick_color(nick), shown_nick, RESET)
-        return "[%s] %s: %s" % (format_time(stamp), shown_nick, sanitize(text))
+            return "\x1b[%sm%s%s" % (nick_color(nick), sanitize(nick), RESET)
+        return sanitize(nick)
+
+    def _text(self, text: str, mentions: Sequence[Tuple[int, int]]) -> str:
+        if not self.color or not mentions:
+            return sanitize(text)
+        pieces = []
+        done = 0
+        for start, stop in mentions:  # sanitised piece by piece: escapes never match
+            pieces += [sanitize(text[done:start]), MENTION_STYLE,
+                       sanitize(text[start:stop]), RESET]
+            done = stop
+        pieces.append(sanitize(text[done:]))
+        return "".join(pieces)
 
     def service_line(self, text: str) -> str:
         text = sanitize(text)
         return BOLD_RED + text + RESET if self.color else text
 
-    def show(self, line: str) -> None:
+    def show(self, line: str, bell: bool = False) -> None:
+        if bell:
+            line += BELL
         with self.lock:
             try:
                 if self.interactive and self.prompt_showing:
@@ -1283,21 +1351,36 @@ def _rows(columns: int) -> int:
 
 
 class ChatClient:
-    """Connects, sends what the user types, shows what arrives."""
+    """Connects, sends what the user types, shows what arrives.
 
-    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool) -> None:
+    In a terminal it also reconnects, with backoff, when a connection it had
+    joined on is lost without the server's shutdown notice.
+    """
+
+    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool,
+                 reconnect: bool = False, bell: bool = False) -> None:
         self.host = host
         self.port = port
         self.nick = nick
         self.screen = Screen(color, interactive)
         self.interactive = interactive
+        self.reconnect = reconnect and interactive   # pipe mode never reconnects
+        self.bell = bell and interactive
         self.sock: Optional[socket.socket] = None
         self.leaving = False         # we asked to leave: the server closing is expected
         self.finished = False        # the receiver has seen the end of the session
         self.status = 0
         self.failure: Optional[str] = None
         self.last_notice = ""
-        self.frames = 0
+        self.joined = False          # welcomed at least once
+        self.welcomed = False        # welcomed on the current connection
+        self.linked = False          # lines typed now can be sent
+        self.replaying = False       # between the history markers
+        self._held_begin: Optional[str] = None  # history marker, shown with the first new message
+        # Hashes of the chat messages shown, so that the history replayed after
+        # a reconnect shows only what was missed.
+        self.seen: Deque[int] = collections.deque(maxlen=SEEN_MEMORY)
+        self._wake = threading.Event()
         self._receiver: Optional[threading.Thread] = None
 
     @property
@@ -1317,6 +1400,7 @@ class ChatClient:
         except OSError as exc:
             _fail("cannot connect to %s: %s" % (self.where, _reason(exc)))
             return 1
+        self.linked = True
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         self._receiver.start()
         try:
@@ -1355,9 +1439,20 @@ class ChatClient:
                 return
             if not line.strip():
                 continue
-            stamp = self._send(line)
             screen.erase_input(line)
-            screen.show(screen.chat_line(stamp, self.nick, line))
+            if not self.linked:
+                screen.show(screen.service_line("Not sent: not connected. Type %s to leave."
+                                                % QUIT_COMMAND))
+                continue
+            try:
+                sent = self._send_line(line)
+            except OSError:
+                if not self.reconnect:
+                    raise
+                screen.show(screen.service_line("Not sent: the connection was lost"))
+                continue
+            if sent is not None:  # our own message, shown like everyone else's
+                screen.show(screen.chat_line(sent[0], self.nick, sent[1]))
 
     def _pipe_loop(self) -> None:
         for raw in sys.stdin:
@@ -1365,22 +1460,34 @@ class ChatClient:
             if line.strip() == QUIT_COMMAND or self.finished:
                 return
             if line.strip():
-                self._send(line)
+                self._send_line(line)
 
-    def _send(self, line: str) -> str:
-        assert self.sock is not None
+    def _send_line(self, line: str) -> Optional[Tuple[str, str]]:
+        """Send a line: a command when it starts with one /, else a chat message
+        (``//text`` sends ``/text``). Returns the chat message's (time, text)."""
+        sock = self.sock
+        if sock is None:
+            raise ConnectionError("not connected")
+        if line.startswith("/") and not line.startswith("//"):
+            sock.sendall(encode_frame(line.encode("utf-8", "surrogatepass")))
+            return None
+        text = line[1:] if line.startswith("//") else line
         stamp = now_stamp()
-        payload = "\0".join((stamp, self.nick, line)).encode("utf-8", "surrogatepass")
-        self.sock.sendall(encode_frame(payload))
-        return stamp
+        payload = "\0".join((stamp, self.nick, text)).encode("utf-8", "surrogatepass")
+        sock.sendall(encode_frame(payload))
+        if self.reconnect:
+            self.seen.append(hash(payload))
+        return stamp, text
 
     def _leave(self) -> None:
         """Close our side and wait for the server to close its own: by then it has
         taken everything we sent."""
         self.leaving = True
-        if self.sock is not None:
+        self._wake.set()
+        sock = self.sock
+        if sock is not None:
             try:
-                self.sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         if self._receiver is not None:
@@ -1388,41 +1495,124 @@ class ChatClient:
         self.status = 0
         self.failure = None
 
+    # -- the receiver thread ----------------------------------------------
+
     def _receive(self) -> None:
-        assert self.sock is not None
+        failures = 0
+        while True:
+            reason = self._read()
+            if reason is None or self.leaving:
+                self._end(0, None)
+                return
+            if not self.joined:
+                if self.last_notice:  # turned away at the door, with a reason
+                    self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
+                else:
+                    self._end(1, "lost: %s" % reason)
+                return
+            if not self.reconnect:
+                self._end(1, "lost: %s" % reason)
+                return
+            failures = 0 if self.welcomed else failures + 1
+            if not self._reconnect(reason, failures):
+                self._end(0, None)
+                return
+
+    def _read(self) -> Optional[str]:
+        """Show what arrives on this connection until it ends: None after the
+        server's shutdown notice, else the reason it ended."""
+        sock = self.sock
+        if sock is None:
+            return "not connected"
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
-        reason = "the server closed the connection"
         try:
             while True:
-                data = self.sock.recv(65536)
+                data = sock.recv(65536)
                 if not data:
-                    break
+                    return "the server closed the connection"
                 for payload in decoder.feed(data):
                     if self._show(payload):
-                        self._end(0, None)
-                        return
+                        return None
         except ProtocolError as exc:
-            reason = "protocol error: %s" % exc
+            return "protocol error: %s" % exc
         except OSError as exc:
-            reason = _reason(exc)
-        if self.leaving:
-            self._end(0, None)
-        elif self.frames == 1 and self.last_notice and QUIT_COMMAND not in self.last_notice:
-            # Turned away at the door: the welcome (which names <quit<) never came.
-            self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
+            return _reason(exc)
+
+    def _reconnect(self, reason: str, failures: int) -> bool:
+        """Wait, then connect and send the nickname again, waiting longer after
+        each failure; False when the user leaves meanwhile."""
+        self.linked = False
+        self._close_socket()
+        if failures:
+            why = "Cannot rejoin %s: %s." % (self.where, reason)
         else:
-            self._end(1, "lost: %s" % reason)
+            why = "Connection to %s lost: %s." % (self.where, reason)
+        while True:
+            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(failures, 16))
+            delay *= random.uniform(0.8, 1.2)  # a restarted server is not hit by all at once
+            self.screen.show(self.screen.service_line(
+                "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)))
+            if self._wake.wait(delay) or self.leaving:
+                return False
+            try:
+                self.connect()
+            except OSError as exc:
+                self._close_socket()
+                failures += 1
+                why = "Cannot reconnect to %s: %s." % (self.where, _reason(exc))
+                continue
+            self.welcomed = False
+            self.last_notice = ""
+            return True
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # also wakes a send blocked on it
+            except OSError:
+                pass
+            sock.close()
 
     def _show(self, payload: bytes) -> bool:
         """Print one payload; True when it is the server's shutdown notice."""
-        self.frames += 1
-        stamp, nick, text = unpack_message(payload)
-        if stamp is None or nick is None:
-            self.screen.show(self.screen.service_line(text))
-            self.last_notice = text
-            return text == SHUTDOWN_NOTICE
-        self.screen.show(self.screen.chat_line(stamp, nick, text))
+        stamp, field, text = unpack_message(payload)
+        if stamp is None or field is None:
+            return self._show_notice(text)
+        if self.reconnect:
+            key = hash(payload)
+            if self.replaying and key in self.seen:
+                return False  # shown before the connection was lost
+            self.seen.append(key)
+        if self._held_begin is not None:
+            self.screen.show(self.screen.service_line(self._held_begin))
+            self._held_begin = None
+        kind, nick, _ = read_nick_field(field)
+        mine = nick.casefold() == self.nick.casefold()
+        mentions = [] if mine else find_mentions(text, self.nick)
+        ring = self.bell and not self.replaying and bool(mentions or kind == "private" and not mine)
+        self.screen.show(self.screen.chat_line(stamp, field, text, mentions), ring)
         return False
+
+    def _show_notice(self, text: str) -> bool:
+        if not self.welcomed and QUIT_COMMAND in text:
+            self.joined = self.welcomed = self.linked = True
+        elif not self.replaying and _is_history_begin(text):
+            # Held back until a message follows it: after a reconnect every
+            # replayed message may have been shown already.
+            self.replaying = True
+            self._held_begin = text
+            return False
+        elif self.replaying and text == HISTORY_END:
+            self.replaying = False
+            held, self._held_begin = self._held_begin, None
+            if held is not None:
+                return False
+        elif text.startswith(RENAMED):
+            self.nick = text[len(RENAMED):]
+        self.screen.show(self.screen.service_line(text))
+        self.last_notice = text
+        return text == SHUTDOWN_NOTICE
 
     def _end(self, status: int, failure: Optional[str]) -> None:
         """The session is over: record why and wake the main thread out of input()."""
@@ -1442,6 +1632,11 @@ class ChatClient:
                 _fail("connection to %s %s" % (self.where, failure))
             sys.stdout.flush()
             os._exit(status)
+
+
+def _is_history_begin(text: str) -> bool:
+    prefix, suffix = HISTORY_BEGIN.split("%s")
+    return text.startswith(prefix) and text.endswith(suffix)
 
 
 class SessionEnded(Exception):
@@ -1564,7 +1759,8 @@ def build_parser() -> argparse.ArgumentParser:
     client = commands.add_parser(
         "client", formatter_class=_HelpFormatter, help="join a chat server",
         description="Join a chat. Type a line and press Enter to send it; "
-                    "type %s, press Ctrl+D or Ctrl+C to leave." % QUIT_COMMAND,
+                    "type %s, press Ctrl+D or Ctrl+C to leave.\nA line that starts with / "
+                    "is a command (/help lists them); // sends a single /." % QUIT_COMMAND,
         epilog="example:\n  python selchat.py client --host 192.0.2.7 --nick alice\n"
                "  echo 'build finished' | python selchat.py client --nick ci")
     client.add_argument("--host", default=env_host or DEFAULT_CLIENT_HOST,
@@ -1575,6 +1771,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--nick", help="your nickname (asked for when missing)")
     client.add_argument("--no-color", action="store_true",
                         help="no colours (also when NO_COLOR is set or output is not a terminal)")
+    client.add_argument("--bell", action="store_true",
+                        help="ring the terminal bell when someone mentions your nickname "
+                             "or sends you a private message")
+    client.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                        help="exit when the connection is lost instead of reconnecting "
+                             "(pipe mode never reconnects)")
     return parser
 
 
@@ -1630,8 +1832,12 @@ def run_client(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, _session_ended)
     saved = _save_terminal()
+    host = args.host
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as in a URL
+        host = host[1:-1]
     try:
-        return ChatClient(args.host, args.port, nick, color, interactive).run()
+        return ChatClient(host, args.port, nick, color, interactive,
+                          args.reconnect, args.bell).run()
     finally:
         _restore_terminal(saved)
 

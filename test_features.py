@@ -511,6 +511,35 @@ def proxy():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("field, reading", [
+    ("alice", ("chat", "alice", "")),
+    ("* alice", ("action", "alice", "")),
+    ("[private] alice -> bob", ("private", "alice", "bob")),
+    ("*", ("chat", "*", "")),
+    ("* two words", ("chat", "* two words", "")),
+    ("[private] alice bob", ("chat", "[private] alice bob", "")),
+])
+def test_read_nick_field_tells_chat_actions_and_private_messages_apart(field, reading):
+    assert selchat.read_nick_field(field) == reading
+
+
+@pytest.mark.parametrize("text, spans", [
+    ("hi alice", [(3, 8)]),
+    ("ALICE: look", [(0, 5)]),
+    ("@alice, alice!", [(1, 6), (8, 13)]),
+    ("malice aforethought", []),
+    ("alice_smith is here", []),
+    ("alice2", []),
+])
+def test_find_mentions_finds_the_nick_as_a_word_in_any_case(text, spans):
+    assert selchat.find_mentions(text, "alice") == spans
+
+
+def test_find_mentions_handles_nicks_with_punctuation():
+    assert selchat.find_mentions("ping *bob* and [x]", "*bob*") == [(5, 10)]
+    assert selchat.find_mentions("ping [x]!", "[x]") == [(5, 8)]
+
+
 @pytest.mark.parametrize("seconds, shown", [
     (0, "0 s"), (59.9, "59 s"), (60, "1 min"), (3599, "59 min"), (3600, "1 h 0 min"),
     (3 * 3600 + 5 * 60, "3 h 5 min"), (86400 + 3600, "1 d 1 h"),
@@ -906,3 +935,379 @@ def test_seed_protocol_client_gets_only_frames_it_understands(server, join):
         ]
     finally:
         old.close()
+
+
+# ---------------------------------------------------------------------------
+# The client: commands, private messages, actions, mentions, history, readline
+# ---------------------------------------------------------------------------
+
+
+@needs_pty
+def test_client_sends_a_slash_line_as_a_command_and_shows_the_answer(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice")
+    joined(child)
+    bob.recv_service()
+    child.sendline(b"/who")
+    child.expect(rb"2 users online: alice \(joined \d+ s ago\), bob \(joined \d+ s ago\)")
+    child.sendline(b"/frobnicate")
+    child.expect_exact(b"Unknown command /frobnicate; /help lists the commands")
+    child.sendline(b"after the commands")
+    assert bob.recv_chat()[1:] == ("alice", "after the commands")  # nothing came before it
+
+
+@needs_pty
+def test_client_double_slash_sends_a_chat_message_with_one_slash(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice")
+    joined(child)
+    bob.recv_service()
+    child.sendline(b"//shrug \xc2\xaf\\_(\xe3\x83\x84)_/\xc2\xaf")
+    assert bob.recv_chat()[1:] == ("alice", "/shrug \u00af\\_(\u30c4)_/\u00af")
+    child.expect(rb"\] alice: /shrug ")
+
+
+@needs_pty
+def test_client_shows_private_messages_and_actions_distinctly(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice")
+    joined(child)
+    bob.recv_service()
+    bob.send_frame("/msg alice just between us")
+    child.expect(rb"\[\d\d:\d\d:\d\d\] \[private\] bob -> alice: just between us")
+    bob.send_frame("/me waves")
+    child.expect(rb"\[\d\d:\d\d:\d\d\] \* bob waves")
+    child.sendline(b"/msg bob likewise")
+    assert bob.recv_chat()[1:] == ("[private] bob -> alice", "just between us")
+    assert bob.recv_chat()[1:] == ("* bob", "waves")
+    assert bob.recv_chat()[1:] == ("[private] alice -> bob", "likewise")
+    child.expect(rb"\[\d\d:\d\d:\d\d\] \[private\] alice -> bob: likewise")
+    child.sendline(b"/me nods")
+    child.expect(rb"\[\d\d:\d\d:\d\d\] \* alice nods")
+    assert bob.recv_chat()[1:] == ("* alice", "nods")
+
+
+@needs_pty
+def test_client_colours_the_private_mark_and_both_nicks(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice", NO_COLOR=None, FORCE_COLOR="1")
+    joined(child)
+    bob.recv_service()
+    bob.send_frame("/msg alice psst")
+    bob_, alice_ = (("\x1b[%sm%s\x1b[0m" % (selchat.nick_color(name), name)).encode()
+                    for name in ("bob", "alice"))
+    child.expect_exact(b"\x1b[1;35m[private]\x1b[0m " + bob_ + b" -> " + alice_ + b": psst")
+
+
+@needs_pty
+def test_client_highlights_mentions_of_its_nick_and_rings_the_bell_with_bell(
+        server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice", "--bell", NO_COLOR=None, FORCE_COLOR="1")
+    joined(child)
+    bob.recv_service()
+    bob.send_chat("hey ALICE, look", nick="bob")
+    child.expect_exact(b"hey \x1b[1;7mALICE\x1b[0m, look\x07")
+    bob.send_chat("malice is not a mention", nick="bob")
+    child.expect_exact(b"malice is not a mention")
+    bob.send_frame("/msg alice no name in here")
+    child.expect_exact(b"no name in here\x07")
+    assert bob.recv_chat()[1:] == ("[private] bob -> alice", "no name in here")
+    child.sendline(b"I am alice")  # one's own name is no mention
+    assert bob.recv_chat()[1:] == ("alice", "I am alice")
+    child.expect_exact(b"alice\x1b[0m: I am alice")
+    bob.send_chat("end", nick="bob")
+    child.expect_exact(b"bob\x1b[0m: end")
+    shown = pty_output(child)
+    assert shown.count(b"\x07") == 2, shown
+    assert b"\x1b[1;7m" not in shown.split(b"malice")[1], shown
+
+
+@needs_pty
+def test_client_without_bell_highlights_but_never_rings(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice", NO_COLOR=None, FORCE_COLOR="1")
+    joined(child)
+    bob.recv_service()
+    bob.send_chat("alice: ping", nick="bob")
+    child.expect_exact(b"\x1b[1;7malice\x1b[0m: ping")
+    bob.send_frame("/msg alice private ping")
+    child.expect_exact(b"private ping")
+    assert b"\x07" not in pty_output(child)
+
+
+@needs_pty
+def test_client_mentions_without_colour_are_plain_text(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice", "--bell")
+    joined(child)
+    bob.recv_service()
+    bob.send_chat("alice: ping", nick="bob")
+    child.expect_exact(b"bob: alice: ping\x07")
+    assert b"\x1b[1;7m" not in pty_output(child)
+
+
+@needs_pty
+def test_client_follows_its_own_rename(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice")
+    joined(child)
+    bob.recv_service()
+    child.sendline(b"/nick alicia")
+    child.expect_exact(b"You are now known as alicia")
+    assert bob.recv_service() == "alice is now known as alicia"
+    child.sendline(b"renamed")
+    assert bob.recv_chat()[1:] == ("alicia", "renamed")
+    child.expect(rb"\] alicia: renamed")
+
+
+@needs_pty
+def test_client_shows_replayed_history_between_markers(server, join, pty_client):
+    bob = join(server.port, "bob")
+    bob.send_chat("said before alice came", nick="bob", stamp="2020-02-29T23:30:00+05:30")
+    bob.send_frame("/me left a note")
+    bob.recv_chat()
+    child = pty_client(server.port, "alice")
+    child.expect_exact(b"Welcome to selchat, alice!")
+    child.expect_exact(history_begin(2).encode())
+    child.expect_exact(b"[2020-02-29 18:00:00] bob: said before alice came")  # in UTC
+    child.expect(rb"\* bob left a note")
+    child.expect_exact(HISTORY_END.encode())
+    bob.send_chat("live", nick="bob")
+    child.expect_exact(b"bob: live")
+
+
+@needs_pty
+def test_client_recalls_earlier_lines_with_the_up_arrow(server, join, pty_client):
+    bob = join(server.port, "bob")
+    child = pty_client(server.port, "alice")
+    joined(child)
+    bob.recv_service()
+    child.sendline(b"first line")
+    assert bob.recv_chat()[1:] == ("alice", "first line")
+    child.expect_exact(b"alice: first line")
+    child.expect_exact(b"> ")
+    child.sendline(b"second line")
+    assert bob.recv_chat()[1:] == ("alice", "second line")
+    child.expect_exact(b"alice: second line")
+    child.expect_exact(b"> ")  # input() is reading again
+    child.send(b"\x1b[A\x1b[A")  # up, up: back to the first line
+    child.expect_exact(b"first")  # readline redraws only what differs from "second line"
+    child.send(b"\r")
+    assert bob.recv_chat()[1:] == ("alice", "first line")
+
+
+# ---------------------------------------------------------------------------
+# The client reconnects
+# ---------------------------------------------------------------------------
+
+
+def start_on(start_server, port, *args):
+    """A server on a given port; retried while the previous one's port is being freed."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return start_server("--host", "127.0.0.1", "--port", str(port), *args, address=False)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+@needs_pty
+def test_client_reconnects_after_the_server_restarts_and_joins_under_the_same_nick(
+        start_server, join, pty_client):
+    port = free_port()
+    first = start_on(start_server, port)
+    child = pty_client(port, "alice")
+    joined(child)
+    first.proc.kill()
+    child.expect(rb"Connection to 127\.0\.0\.1:%d lost: [^.]+\. Reconnecting in \d+\.\d s; "
+                 rb"type <quit< to leave\." % port, timeout=5)
+    child.sendline(b"typed while away")
+    child.expect_exact(b"Not sent: not connected. Type <quit< to leave.")
+    second = start_on(start_server, port)
+    child.expect_exact(b"Welcome to selchat, alice! 1 user online.")
+    bob = join(second.port, "bob")
+    child.expect_exact(b"bob joined the chat (2 online)")
+    bob.send_chat("welcome back", nick="bob")
+    child.expect_exact(b"bob: welcome back")
+    child.sendline(b"glad to be back")
+    assert bob.recv_chat()[1:] == ("alice", "glad to be back")
+    assert child.isalive()
+
+
+@needs_pty
+def test_client_keeps_trying_with_longer_waits_while_the_server_is_away(
+        start_server, pty_client, proxy):
+    server = start_server()
+    relay = proxy(server.port)
+    child = pty_client(relay.port, "alice")
+    joined(child)
+    relay.stop_listening()  # every try is refused from now on
+    relay.cut()
+    child.expect(rb"lost: .*Reconnecting in (\d+\.\d) s", timeout=5)
+    waits = [float(child.match.group(1))]
+    for _ in range(2):
+        child.expect(rb"Cannot reconnect to 127\.0\.0\.1:\d+: connection refused\. "
+                     rb"Reconnecting in (\d+\.\d) s", timeout=5)
+        waits.append(float(child.match.group(1)))
+    assert 0.3 <= waits[0] <= 0.7 and 0.7 <= waits[1] <= 1.3 and 1.5 <= waits[2] <= 2.5, waits
+    child.sendline(b"<quit<")
+    assert wait_pty_exit(child, timeout=5) == 0
+    assert b"Traceback" not in pty_output(child)
+
+
+@needs_pty
+def test_client_after_reconnect_shows_only_the_history_it_missed(start_server, join, pty_client,
+                                                                 proxy):
+    server = start_server()
+    relay = proxy(server.port)
+    bob = join(server.port, "bob")
+    child = pty_client(relay.port, "alice")
+    joined(child)
+    bob.recv_service()
+    bob.send_chat("seen before the cut", nick="bob")
+    child.expect_exact(b"bob: seen before the cut")
+    child.sendline(b"my own words")
+    assert bob.recv_chat()[1:] == ("alice", "my own words")
+    relay.cut()
+    assert bob.recv_service() == "alice left the chat (1 online)"
+    bob.send_chat("missed while away", nick="bob")
+    child.expect_exact(b"Reconnecting in")
+    assert bob.recv_service() == "alice joined the chat (2 online)"
+    child.expect_exact(b"Welcome to selchat, alice!")
+    child.expect_exact(history_begin(3).encode())
+    child.expect_exact(b"bob: missed while away")
+    child.expect_exact(HISTORY_END.encode())
+    after = pty_output(child).split(b"Welcome to selchat, alice!")[-1]
+    assert b"seen before the cut" not in after and b"my own words" not in after, after
+
+
+@needs_pty
+def test_client_keeps_trying_while_its_nick_is_still_taken(start_server, join, pty_client, proxy):
+    server = start_server()
+    relay = proxy(server.port)
+    child = pty_client(relay.port, "alice")
+    joined(child)
+    relay.gate.clear()  # the client's next connection waits in the proxy
+    relay.cut()
+    server.wait_for_log(r"alice \(.*\) disconnected")
+    relay.wait_for_connections(2)
+    squatter = join(server.port, "alice")
+    relay.gate.set()
+    child.expect_exact(b'Nickname rejected: "alice" is already in use')
+    child.expect(rb"Cannot rejoin 127\.0\.0\.1:\d+: the server closed the connection\. "
+                 rb"Reconnecting in")
+    squatter.close()
+    child.expect_exact(b"Welcome to selchat, alice!")
+    assert child.isalive()
+
+
+@needs_pty
+def test_client_leaves_with_quit_while_reconnecting(start_server, pty_client, proxy):
+    server = start_server()
+    relay = proxy(server.port)
+    child = pty_client(relay.port, "alice")
+    joined(child)
+    relay.stop_listening()
+    relay.cut()
+    child.expect_exact(b"Reconnecting in")
+    child.sendline(b"<quit<")
+    assert wait_pty_exit(child, timeout=5) == 0
+    assert b"Traceback" not in pty_output(child)
+
+
+@needs_pty
+def test_client_ctrl_c_while_reconnecting_exits_zero(start_server, pty_client, proxy):
+    server = start_server()
+    relay = proxy(server.port)
+    child = pty_client(relay.port, "alice")
+    joined(child)
+    relay.stop_listening()
+    relay.cut()
+    child.expect_exact(b"Reconnecting in")
+    child.send(b"\x03")
+    assert wait_pty_exit(child, timeout=5) == 0
+    assert b"Traceback" not in pty_output(child)
+
+
+@needs_pty
+def test_client_does_not_reconnect_after_the_shutdown_notice(server, pty_client):
+    child = pty_client(server.port, "alice")
+    joined(child)
+    server.proc.send_signal(signal.SIGINT)
+    child.expect_exact(b"Server is shutting down. Goodbye!")
+    assert wait_pty_exit(child, timeout=5) == 0
+    assert b"Reconnecting" not in pty_output(child)
+
+
+@needs_pty
+def test_client_with_no_reconnect_exits_one_when_the_connection_is_lost(server, pty_client):
+    child = pty_client(server.port, "alice", "--no-reconnect")
+    joined(child)
+    server.proc.kill()
+    child.expect(rb"selchat: connection to 127\.0\.0\.1:%d lost" % server.port, timeout=5)
+    assert wait_pty_exit(child, timeout=5) == 1
+    assert b"Reconnecting" not in pty_output(child)
+
+
+def test_pipe_mode_never_reconnects(server, piped_client):
+    client = piped_client("--port", server.port, "--nick", "ci")
+    client.wait_for_output(b"Welcome to selchat, ci!")
+    server.proc.kill()
+    assert client.wait_exit(timeout=5) == 1
+    assert b"lost" in client.err and b"Reconnecting" not in client.out + client.err
+
+
+def test_pipe_mode_sends_commands_and_double_slash_lines(server, join, piped_client):
+    bob = join(server.port, "bob")
+    client = piped_client("--port", server.port, "--nick", "ci")
+    assert bob.recv_service() == "ci joined the chat (2 online)"
+    client.write("/msg bob build finished\n//etc/passwd is not a command\n/who\n")
+    client.wait_for_output(b"2 users online")
+    client.write("<quit<\n")
+    assert client.wait_exit() == 0
+    assert bob.recv_chat()[1:] == ("[private] ci -> bob", "build finished")
+    assert bob.recv_chat()[1:] == ("ci", "/etc/passwd is not a command")
+    assert b"[private] ci -> bob: build finished" in client.out
+
+
+# ---------------------------------------------------------------------------
+# Networks: IPv4 and IPv6 together, IPv6 literals and host names
+# ---------------------------------------------------------------------------
+
+
+@needs_ipv6
+def test_server_default_host_listens_on_ipv4_and_ipv6_together(start_server, join):
+    server = start_server("--port", "0", address=False)
+    assert server.address == "[::]"
+    v4 = join(server.port, "four", host="127.0.0.1")
+    v6 = join(server.port, "six", host="::1")
+    assert v4.recv_service() == "six joined the chat (2 online)"
+    v6.send_chat("over IPv6", nick="six")
+    assert v4.recv_chat()[1:] == ("six", "over IPv6")
+    server.wait_for_log(r"connection from 127\.0\.0\.1:\d+")
+    server.wait_for_log(r"connection from \[::1\]:\d+")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("host", ["::1", "[::1]", "localhost"])
+def test_client_takes_ipv6_literals_and_host_names(start_server, join, piped_client, host):
+    server = start_server("--port", "0", address=False)
+    bob = join(server.port, "bob")
+    client = piped_client("--host", host, "--port", server.port, "--nick", "ci")
+    client.wait_for_output(b"Welcome")
+    assert bob.recv_service() == "ci joined the chat (2 online)"
+    client.write("via %s\n" % host)
+    client.proc.stdin.close()
+    assert client.wait_exit() == 0
+    assert bob.recv_chat()[1:] == ("ci", "via %s" % host)
+
+
+def test_client_names_an_ipv6_server_in_brackets_when_it_cannot_connect(piped_client):
+    with socket.socket(socket.AF_INET6 if _dual_stack() else socket.AF_INET) as unused:
+        unused.bind(("::1" if _dual_stack() else "127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        client = piped_client("--host", "::1", "--port", port, "--nick", "ci")
+        assert client.wait_exit() == 1
+    assert re.search(rb"selchat: cannot connect to \[::1\]:%d: " % port, client.err), client.err
