@@ -1717,8 +1717,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     env_host = os.environ.get("SELCHAT_HOST")
     env_port = os.environ.get("SELCHAT_PORT")
+    # "selchat" when started as the command that `pip install` makes.
+    installed = os.path.basename(sys.argv[0]).lower() in ("selchat", "selchat.exe")
     parser = argparse.ArgumentParser(
-        prog="selchat.py", formatter_class=_HelpFormatter,
+        prog="selchat" if installed else "selchat.py", formatter_class=_HelpFormatter,
         description="A console chat: one file that is both the server and the client.",
         epilog="examples:\n  python selchat.py server\n"
                "  python selchat.py client --nick alice\n\n"

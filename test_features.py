@@ -1311,3 +1311,52 @@ def test_client_names_an_ipv6_server_in_brackets_when_it_cannot_connect(piped_cl
         client = piped_client("--host", "::1", "--port", port, "--nick", "ci")
         assert client.wait_exit() == 1
     assert re.search(rb"selchat: cannot connect to \[::1\]:%d: " % port, client.err), client.err
+
+
+# ---------------------------------------------------------------------------
+# Installation: `pip install .` gives a `selchat` command; the lone file still runs
+# ---------------------------------------------------------------------------
+
+
+def _can_build_wheels():
+    try:
+        import setuptools.command.bdist_wheel  # noqa: F401  (setuptools 70.1 and later)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _can_build_wheels(), reason="needs setuptools>=70.1 to build offline")
+def test_pip_install_gives_a_selchat_command_with_a_tz_extra(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("selchat.py", "pyproject.toml", "README.md"):
+        shutil.copy(HERE / name, source / name)
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input",
+                    "-q", "install", "--no-build-isolation", "--no-index", "--no-deps",
+                    "--target", str(target), str(source)],
+                   check=True, timeout=120, cwd=str(tmp_path))
+    (info,) = target.glob("selchat-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    assert "Version: %s" % selchat.__version__ in metadata
+    assert "Provides-Extra: tz" in metadata
+    assert 'Requires-Dist: pytz; extra == "tz"' in metadata, metadata
+    assert 'Requires-Dist: tzlocal; extra == "tz"' in metadata, metadata
+    assert (target / "selchat.py").read_bytes() == SCRIPT.read_bytes()
+    env = clean_env(PYTHONPATH=str(target))
+    command = target / "bin" / "selchat"
+    out = subprocess.run([str(command), "--version"], stdout=subprocess.PIPE, env=env,
+                         cwd=str(tmp_path), timeout=30)
+    assert (out.returncode, out.stdout) == (0, b"selchat %s\n" % selchat.__version__.encode())
+    out = subprocess.run([str(command), "client", "-h"], stdout=subprocess.PIPE, env=env,
+                         cwd=str(tmp_path), timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith(b"usage: selchat client"), out.stdout
+
+
+def test_the_copied_file_alone_runs_as_before(tmp_path):
+    shutil.copy(SCRIPT, tmp_path / "selchat.py")
+    out = subprocess.run([sys.executable, "-S", "selchat.py", "server", "-h"],
+                         stdout=subprocess.PIPE, cwd=str(tmp_path), env=clean_env(), timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith(b"usage: selchat.py server")
+    assert b"--history N" in out.stdout
