@@ -21,12 +21,23 @@ server answers with a welcome service message (or a reason, and closes), then
 relays every chat message to everyone else, with the nickname field set to the
 sender's registered nickname. ``<quit<`` (or Ctrl+D, Ctrl+C) leaves.
 
+Right after the welcome a newcomer gets the last ``--history`` chat messages as
+they were relayed, between the service messages ``--- N messages from before
+you joined ---`` and ``--- end of earlier messages ---``. Commands (``/help``,
+``/who``, ``/msg NICK TEXT``, ``/nick NEW``, ``/me ACTION``) are answered with
+service messages, except two that make chat messages whose nick field holds a
+space, which no registered nickname can: a private message
+``time "\\0" "[private] alice -> bob" "\\0" text`` (to both ends, never kept in
+the history) and an action ``time "\\0" "* alice" "\\0" "waves"`` (to everyone).
+A client that knows only the seed's protocol shows both readably as they are.
+Their time is the server's clock, in UTC: the one thing the server writes.
+
 What selchat does not do
 ------------------------
 It does not encrypt or authenticate: anyone who can reach the port can join
-under any free nickname and read the room. There are no accounts, no private
-rooms and no stored history: what happens while you are away is gone. Run it on
-networks you trust, or behind an ssh tunnel.
+under any free nickname and read the room. There are no accounts and no private
+rooms, and the history lives in the server's memory only: a restart forgets it.
+Run it on networks you trust, or behind an ssh tunnel.
 
 Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
 reader's time zone; without them the standard library's idea of local time is
