@@ -1413,8 +1413,10 @@ class ChatClient:
             return 1
         self.linked = True
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
-        self._receiver.start()
         try:
+            # The receiver may end the session (SIGUSR1 -> SessionEnded) before
+            # start() has even returned, for instance on a refused nickname.
+            self._receiver.start()
             if self.interactive:
                 self._type_loop()
             else:
@@ -1424,7 +1426,10 @@ class ChatClient:
             pass
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM
             if not self.finished:
-                self._leave()
+                try:
+                    self._leave()
+                except SessionEnded:  # the receiver ended it meanwhile
+                    pass
         except OSError as exc:  # sending failed
             if not self.finished:
                 self.failure = self.failure or "lost: %s" % _reason(exc)

@@ -1251,6 +1251,18 @@ def test_client_with_no_reconnect_exits_one_when_the_connection_is_lost(server, 
     assert b"Reconnecting" not in pty_output(child)
 
 
+def test_clients_turned_away_at_once_exit_one_without_a_traceback(server, join, piped_client):
+    # The refusal can arrive before the client's main thread is ready for it.
+    join(server.port, "alice")
+    clients = [piped_client("--port", server.port, "--nick", "ALICE") for _ in range(6)]
+    for client in clients:
+        assert client.wait_exit() == 1
+        assert b'Nickname rejected: "ALICE" is already in use' in client.out
+        assert b"Traceback" not in client.err, bytes(client.err)
+        assert client.err.startswith(b"selchat: connection to 127.0.0.1:%d refused by the "
+                                     b"server: " % server.port), bytes(client.err)
+
+
 def test_pipe_mode_never_reconnects(server, piped_client):
     client = piped_client("--port", server.port, "--nick", "ci")
     client.wait_for_output(b"Welcome to selchat, ci!")
