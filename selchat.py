@@ -21,12 +21,23 @@ server answers with a welcome service message (or a reason, and closes), then
 relays every chat message to everyone else, with the nickname field set to the
 sender's registered nickname. ``<quit<`` (or Ctrl+D, Ctrl+C) leaves.
 
+Right after the welcome a newcomer gets the last ``--history`` chat messages as
+they were relayed, between the service messages ``--- N messages from before
+you joined ---`` and ``--- end of earlier messages ---``. Commands (``/help``,
+``/who``, ``/msg NICK TEXT``, ``/nick NEW``, ``/me ACTION``) are answered with
+service messages, except two that make chat messages whose nick field holds a
+space, which no registered nickname can: a private message
+``time "\\0" "[private] alice -> bob" "\\0" text`` (to both ends, never kept in
+the history) and an action ``time "\\0" "* alice" "\\0" "waves"`` (to everyone).
+A client that knows only the seed's protocol shows both readably as they are.
+Their time is the server's clock, in UTC: the one thing the server writes.
+
 What selchat does not do
 ------------------------
 It does not encrypt or authenticate: anyone who can reach the port can join
-under any free nickname and read the room. There are no accounts, no private
-rooms and no stored history: what happens while you are away is gone. Run it on
-networks you trust, or behind an ssh tunnel.
+under any free nickname and read the room. There are no accounts and no private
+rooms, and the history lives in the server's memory only: a restart forgets it.
+Run it on networks you trust, or behind an ssh tunnel.
 
 Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
 reader's time zone; without them the standard library's idea of local time is
@@ -45,6 +56,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import random
 import re
 import selectors
 import signal
@@ -83,6 +95,7 @@ DEFAULT_MAX_PENDING = 256 << 20
 # A client whose dropped messages in this many seconds exceed what the rate
 # allows in the same time is flooding on purpose and is disconnected.
 FLOOD_WINDOW = 10.0
+DEFAULT_HISTORY = 50
 MAX_NICK_LENGTH = 32
 # The nickname and password frames of the handshake are never longer than this.
 MAX_HANDSHAKE_FRAME = 1024
@@ -109,6 +122,22 @@ HOUSEKEEPING_INTERVAL = 0.25
 # Join and leave notices are coalesced per turn of the event loop; at most this
 # many names are spelled out in one notice.
 NOTICE_NAMES = 10
+# Private messages and actions travel as chat messages whose nick field holds a
+# space ("[private] alice -> bob", "* alice"): no registered nickname can, so
+# nobody can forge one with an ordinary message, and a seed client shows them
+# readably as they are.
+PRIVATE_MARK = "[private]"
+ACTION_MARK = "*"
+# The replayed history is framed by these service messages.
+HISTORY_BEGIN = "--- %s from before you joined ---"
+HISTORY_END = "--- end of earlier messages ---"
+RENAMED = "You are now known as "
+# The interactive client reconnects after this many seconds, doubling up to
+# the maximum; a client remembers this many shown messages so that history
+# replayed after a reconnect shows only what it missed.
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 30.0
+SEEN_MEMORY = 2000
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (AttributeError, ValueError, OSError):
@@ -116,6 +145,9 @@ except (AttributeError, ValueError, OSError):
 
 RESET = "\x1b[0m"
 BOLD_RED = "\x1b[1;31m"
+PRIVATE_STYLE = "\x1b[1;35m"
+MENTION_STYLE = "\x1b[1;7m"   # bold, reversed: stands out on every theme
+BELL = "\a"
 # SGR colours for nicknames: every foreground colour but red (31, 91), which
 # belongs to service messages, and black/white, which vanish on some themes.
 NICK_COLORS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96",
@@ -237,6 +269,11 @@ def now_stamp() -> str:
     return now.isoformat(timespec="seconds")
 
 
+def utc_stamp() -> str:
+    """The server's time, for the lines it composes itself (actions, private messages)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def parse_stamp(stamp: str) -> dt.datetime:
     """Read an ISO-8601 time with a UTC offset; ValueError when it is not one."""
     text = stamp.strip()
@@ -264,6 +301,35 @@ def format_time(stamp: str, now: Optional[dt.datetime] = None,
     if local.date() == today.date():
         return local.strftime("%H:%M:%S")
     return local.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_nick_field(field: str) -> Tuple[str, str, str]:
+    """What a chat message's nick field says: (kind, nick, other).
+
+    ``("chat", "alice", "")`` for an ordinary message, ``("action", "alice", "")``
+    for ``* alice``, ``("private", "alice", "bob")`` for ``[private] alice -> bob``.
+    Only the server writes a field with a space in it.
+    """
+    if " " in field:
+        mark, _, rest = field.partition(" ")
+        if mark == ACTION_MARK and " " not in rest:
+            return "action", rest, ""
+        sender, arrow, receiver = rest.partition(" -> ")
+        if mark == PRIVATE_MARK and arrow and " " not in sender + receiver:
+            return "private", sender, receiver
+    return "chat", field, ""
+
+
+@functools.lru_cache(maxsize=16)
+def _mention_pattern(nick: str) -> "re.Pattern[str]":
+    return re.compile(r"(?<!\w)%s(?!\w)" % re.escape(nick), re.IGNORECASE)
+
+
+def find_mentions(text: str, nick: str) -> List[Tuple[int, int]]:
+    """Where ``nick`` appears in ``text`` as a word of its own, in any case."""
+    if not nick:
+        return []
+    return [match.span() for match in _mention_pattern(nick).finditer(text)]
 
 
 def _escape_table() -> Dict[int, str]:
@@ -307,6 +373,19 @@ def check_nick(nick: str) -> Optional[str]:
 
 def plural(count: int, word: str) -> str:
     return "%d %s%s" % (count, word, "" if count == 1 else "s")
+
+
+def duration(seconds: float) -> str:
+    """A short, rounded-down length of time: ``40 s``, ``12 min``, ``3 h 5 min``, ``2 d 1 h``."""
+    whole = max(int(seconds), 0)
+    minutes, hours, days = whole // 60, whole // 3600, whole // 86400
+    if whole < 60:
+        return "%d s" % whole
+    if whole < 3600:
+        return "%d min" % minutes
+    if whole < 86400:
+        return "%d h %d min" % (hours, minutes % 60)
+    return "%d d %d h" % (days, hours % 24)
 
 
 def log(message: str) -> None:
@@ -355,7 +434,7 @@ class ServerConfig:
                  max_per_address: Optional[int] = None,
                  max_pending: int = DEFAULT_MAX_PENDING,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 password: Optional[str] = None) -> None:
+                 password: Optional[str] = None, history: int = DEFAULT_HISTORY) -> None:
         self.host = host
         self.port = port
         self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
@@ -371,6 +450,7 @@ class ServerConfig:
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.password = password
+        self.history = history
 
 
 class Connection:
@@ -381,7 +461,7 @@ class Connection:
                  "tail", "large", "large_got", "skip", "out", "out_size", "writing", "dirty",
                  "partial", "closing", "eof", "deadline", "handler", "tls", "tls_chunk",
                  "tokens",
-                 "token_time", "dropped", "flood_since", "warned_at")
+                 "token_time", "dropped", "flood_since", "warned_at", "joined")
 
     def __init__(self, sock: socket.socket, host: str, address: str, deadline: float) -> None:
         self.sock = sock
@@ -412,10 +492,18 @@ class Connection:
         self.dropped = 0                         # messages over the rate since flood_since
         self.flood_since = 0.0
         self.warned_at = -FLOOD_WINDOW           # last "slow down" notice
+        self.joined = 0.0                        # when the nickname was accepted (monotonic)
 
     @property
     def name(self) -> str:
         return "%s (%s)" % (self.nick, self.address) if self.nick else self.address
+
+    def name_as(self, nick: str) -> None:
+        """Set the nickname and the forms of it that the server compares."""
+        self.nick = nick
+        self.nick_bytes = nick.encode("utf-8")
+        self.nick_field = b"\0" + self.nick_bytes + b"\0"
+        self.nick_key = nick.casefold()
 
 
 class ChatServer:
@@ -446,6 +534,13 @@ class ChatServer:
         self._next_housekeeping = 0.0
         self._spare_fd: Optional[int] = None
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+        # The last chat messages as the frames that were relayed, replayed to
+        # every newcomer. It must fit
+        # in one client's queue, so it also keeps to half of --max-queue.
+        self.history_size = config.history
+        self.history: Deque[Tuple[int, Tuple[Buffer, ...]]] = collections.deque()  # (size, frame)
+        self._history_bytes = 0
+        self._history_limit = self.max_queue // 2
 
     # -- setting up -------------------------------------------------------
 
@@ -747,17 +842,20 @@ class ChatServer:
         is: one check covers them all. When it fails, the frames before the bad
         one still go out, and the sender is closed.
         """
-        if _utf8_valid(data, run, stop):
-            self._broadcast((memoryview(data)[run:stop],), conn)
-            return True
-        good = run
-        while good < stop:
-            end = good + HEADER_SIZE + parse_header(data[good:good + HEADER_SIZE])
-            if not _utf8_valid(data, good + HEADER_SIZE, end):
-                break
-            good = end
+        good = stop
+        if not _utf8_valid(data, run, stop):
+            good = run
+            while good < stop:
+                end = good + HEADER_SIZE + parse_header(data[good:good + HEADER_SIZE])
+                if not _utf8_valid(data, good + HEADER_SIZE, end):
+                    break
+                good = end
         if good > run:
             self._broadcast((memoryview(data)[run:good],), conn)
+            if self.history_size:
+                self._remember_run(data, run, good)
+        if good == stop:
+            return True
         self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
         return False
 
@@ -896,12 +994,14 @@ class ChatServer:
         # Relay with the registered nickname in place of whatever was sent.
         head = b"".join((bytes(data[start:first]), b"\0", conn.nick_bytes, b"\0"))
         size = len(head) + stop - second - 1
+        frame: Tuple[Buffer, ...]
         if size < LARGE_FRAME:
-            self._broadcast((b"".join((frame_header(size), head,
-                                       bytes(data[second + 1:stop]))),), conn)
+            frame = (b"".join((frame_header(size), head, bytes(data[second + 1:stop]))),)
         else:  # the text is shared by every receiver, never copied
-            self._broadcast((frame_header(size) + head,
-                             memoryview(data)[second + 1:stop]), conn)
+            frame = (frame_header(size) + head, memoryview(data)[second + 1:stop])
+        self._broadcast(frame, conn)
+        if self.history_size:
+            self._remember(HEADER_SIZE + size, frame)
         return True
 
     def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
@@ -924,15 +1024,14 @@ class ChatServer:
             return True
         conn.asked_nick = None
         self._waiting.discard(conn)
-        conn.nick = nick
-        conn.nick_bytes = nick.encode("utf-8")
-        conn.nick_field = b"\0" + conn.nick_bytes + b"\0"
-        conn.nick_key = nick.casefold()
+        conn.name_as(nick)
         self.users[conn.nick_key] = conn
         limit = (" Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
                  if self.rate else "")
         self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave.%s"
                    % (nick, plural(len(self.users), "user"), QUIT_COMMAND, limit))
+        conn.joined = time.monotonic()
+        self._replay_history(conn)
         self._joined.append(conn)
         log("%s joined as %s" % (conn.address, nick))
         return True
@@ -986,18 +1085,119 @@ class ChatServer:
         else:
             handler(self, conn, line)
 
+    # -- commands ---------------------------------------------------------
+    # Each handler's docstring is its line in /help.
+
     def _cmd_help(self, conn: Connection, line: str) -> None:
-        self._tell(conn, "Commands: /help (this list), /who (who is online). "
-                   "Type %s to leave." % QUIT_COMMAND)
+        """/help: this list"""
+        usage = "; ".join((handler.__doc__ or "").strip() for handler in self.COMMANDS.values())
+        self._tell(conn, "Commands: %s. Start a message with // to send it with a single /. "
+                   "Type %s to leave." % (usage, QUIT_COMMAND))
 
     def _cmd_who(self, conn: Connection, line: str) -> None:
-        names = sorted((c.nick or "" for c in self.users.values()), key=str.casefold)
-        self._tell(conn, "%s online: %s" % (plural(len(names), "user"), ", ".join(names)))
+        """/who: who is online, and since when"""
+        now = time.monotonic()
+        users = sorted(self.users.values(), key=lambda user: user.nick_key)
+        self._tell(conn, "%s online: %s" % (
+            plural(len(users), "user"),
+            ", ".join("%s (joined %s ago)" % (user.nick, duration(now - user.joined))
+                      for user in users)))
+
+    def _cmd_msg(self, conn: Connection, line: str) -> None:
+        """/msg NICK TEXT: a private message to NICK alone"""
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            self._tell(conn, "Not sent: type /msg NICK TEXT")
+            return
+        target = self.users.get(parts[1].casefold())
+        if target is None:
+            self._tell(conn, "Not sent: nobody called %s is online (/who lists who is)"
+                       % parts[1][:MAX_NICK_LENGTH])
+            return
+        field = "%s %s -> %s" % (PRIVATE_MARK, conn.nick, target.nick)
+        frame = (encode_frame("\0".join((utc_stamp(), field, parts[2])).encode("utf-8")),)
+        # Both ends see it, so the sender knows it went out and to whom.
+        self._deliver(target, frame)
+        if target is not conn:
+            self._deliver(conn, frame)
+
+    def _cmd_nick(self, conn: Connection, line: str) -> None:
+        """/nick NEW: change your nickname"""
+        parts = line.split()
+        if len(parts) != 2:
+            self._tell(conn, "Nickname not changed: type /nick NEW")
+            return
+        old, new = conn.nick or "", parts[1]
+        if new == old:
+            self._tell(conn, "Nickname not changed: you are %s already" % new)
+            return
+        reason = check_nick(new)
+        taken = self.users.get(new.casefold())
+        if reason is None and taken is not None and taken is not conn:
+            reason = "%r is already in use" % new
+        if reason is not None:
+            self._tell(conn, "Nickname not changed: %s" % reason.replace("'", '"'))
+            return
+        del self.users[conn.nick_key]
+        conn.name_as(new)
+        self.users[conn.nick_key] = conn
+        self._tell(conn, RENAMED + new)
+        if conn not in self._joined:  # otherwise the join notice names the new nickname
+            self._broadcast((encode_frame(("%s is now known as %s" % (old, new))
+                                          .encode("utf-8")),), conn)
+        log("%s (%s) is now known as %s" % (old, conn.address, new))
+
+    def _cmd_me(self, conn: Connection, line: str) -> None:
+        """/me ACTION: tell the room what you do (* alice waves)"""
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            self._tell(conn, "Not sent: type /me ACTION")
+            return
+        field = "%s %s" % (ACTION_MARK, conn.nick)
+        frame = encode_frame("\0".join((utc_stamp(), field, parts[1])).encode("utf-8"))
+        self._broadcast((frame,))  # the sender too: the server wrote this line
+        if self.history_size:
+            self._remember(len(frame), (frame,))
 
     COMMANDS: Dict[str, Callable[[ChatServer, Connection, str], None]] = {
         "/help": _cmd_help,
         "/who": _cmd_who,
+        "/msg": _cmd_msg,
+        "/nick": _cmd_nick,
+        "/me": _cmd_me,
     }
+
+    # -- history ----------------------------------------------------------
+
+    def _remember_run(self, data: bytes, start: int, stop: int) -> None:
+        """Remember the frames of a relayed run. Only the last --history of them
+        can stay, so only those are copied out of what was received (a slice
+        would keep the whole read alive)."""
+        starts = []
+        while start < stop:
+            starts.append(start)
+            start += HEADER_SIZE + int(data[start:start + HEADER_SIZE])  # checked already
+        starts.append(stop)
+        for index in range(max(0, len(starts) - 1 - self.history_size), len(starts) - 1):
+            begin, end = starts[index], starts[index + 1]
+            self._remember(end - begin, (data[begin:end],))
+
+    def _remember(self, size: int, frame: Tuple[Buffer, ...]) -> None:
+        history = self.history
+        history.append((size, frame))
+        self._history_bytes += size
+        while len(history) > self.history_size or self._history_bytes > self._history_limit:
+            self._history_bytes -= history.popleft()[0]
+
+    def _replay_history(self, conn: Connection) -> None:
+        if not self.history:
+            return
+        begin = HISTORY_BEGIN % plural(len(self.history), "message")
+        buffers: List[Buffer] = [encode_frame(begin.encode("utf-8"))]
+        for _, frame in self.history:
+            buffers.extend(frame)
+        buffers.append(encode_frame(HISTORY_END.encode("utf-8")))
+        self._queue(conn, buffers)
 
     # -- writing ----------------------------------------------------------
 
@@ -1012,9 +1212,17 @@ class ChatServer:
         for buffer in buffers:
             conn.out_size += len(buffer)
 
+    def _deliver(self, conn: Connection, buffers: Sequence[Buffer]) -> None:
+        """Queue a message from another user for one client, with the queue limit."""
+        self._queue(conn, buffers)
+        if conn.out_size > self.max_queue and len(conn.out) > len(buffers):
+            self._overflowed.append(conn)
+
     def _broadcast(self, buffers: Sequence[Buffer], sender: Optional[Connection] = None,
                    skip: Iterable[Connection] = ()) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
+        if self._joined:  # whoever joined this turn is announced before they speak
+            self._announce()
         size = sum(len(b) for b in buffers)
         dirty = self._dirty
         limit = self.max_queue
@@ -1423,19 +1631,47 @@ class Screen:
         except (OSError, ValueError):
             pass
 
-    def chat_line(self, stamp: str, nick: str, text: str) -> str:
-        shown_nick = sanitize(nick)
+    def chat_line(self, stamp: str, field: str, text: str,
+                  mentions: Sequence[Tuple[int, int]] = ()) -> str:
+        """``[time] nick: text``, ``[time] * nick action`` or
+        ``[time] [private] sender -> receiver: text``, with ``mentions`` (spans of
+        ``text``) highlighted."""
+        kind, nick, other = read_nick_field(field)
+        shown = self._text(text, mentions)
+        if kind == "action":
+            return "[%s] %s %s %s" % (format_time(stamp), ACTION_MARK, self._nick(nick), shown)
+        if kind == "private":
+            mark = PRIVATE_STYLE + PRIVATE_MARK + RESET if self.color else PRIVATE_MARK
+            return "[%s] %s %s -> %s: %s" % (format_time(stamp), mark, self._nick(nick),
+                                             self._nick(other), shown)
+        return "[%s] %s: %s" % (format_time(stamp), self._nick(nick), shown)
+
+    def _nick(self, nick: str) -> str:
         if self.color:
-            shown_nick = "\x1b[%sm%s%s" % (nick_color(nick), shown_nick, RESET)
-        return "[%s] %s: %s" % (format_time(stamp), shown_nick, sanitize(text))
+            return "\x1b[%sm%s%s" % (nick_color(nick), sanitize(nick), RESET)
+        return sanitize(nick)
+
+    def _text(self, text: str, mentions: Sequence[Tuple[int, int]]) -> str:
+        if not self.color or not mentions:
+            return sanitize(text)
+        pieces = []
+        done = 0
+        for start, stop in mentions:  # sanitised piece by piece: escapes never match
+            pieces += [sanitize(text[done:start]), MENTION_STYLE,
+                       sanitize(text[start:stop]), RESET]
+            done = stop
+        pieces.append(sanitize(text[done:]))
+        return "".join(pieces)
 
     def service_line(self, text: str) -> str:
         text = sanitize(text)
         return BOLD_RED + text + RESET if self.color else text
 
-    def show(self, line: str, typed: Optional[str] = None) -> None:
+    def show(self, line: str, typed: Optional[str] = None, bell: bool = False) -> None:
         """Print a line; ``typed`` is the user's own line the terminal echoed,
-        which the formatted copy replaces."""
+        which the formatted copy replaces; ``bell`` rings the terminal bell."""
+        if bell:
+            line += BELL
         with self.lock:
             try:
                 if not self.interactive:
@@ -1478,10 +1714,15 @@ def _rows(columns: int) -> int:
 
 
 class ChatClient:
-    """Connects, sends what the user types, shows what arrives."""
+    """Connects, sends what the user types, shows what arrives.
+
+    In a terminal it also reconnects, with backoff, when a connection it had
+    joined on is lost without the server's shutdown notice.
+    """
 
     def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool,
-                 tls_context: Any = None, password: Optional[str] = None) -> None:
+                 tls_context: Any = None, password: Optional[str] = None,
+                 reconnect: bool = False, bell: bool = False) -> None:
         self.host = host
         self.port = port
         self.nick = nick
@@ -1499,22 +1740,32 @@ class ChatClient:
         self.saved_terminal: Any = None        # termios settings, for a last-resort exit
         self.screen = Screen(color, interactive)
         self.interactive = interactive
+        self.reconnect = reconnect and interactive   # pipe mode never reconnects
+        self.bell = bell and interactive
         self.sock: Optional[socket.socket] = None
         self.leaving = False         # we asked to leave: the server closing is expected
         self.finished = False        # the receiver has seen the end of the session
         self.status = 0
         self.failure: Optional[str] = None
         self.last_notice = ""
-        self.welcomed = False
+        self.joined = False          # welcomed at least once
+        self.welcomed = False        # welcomed on the current connection
+        self.linked = False          # lines typed now can be sent
+        self.replaying = False       # between the history markers
+        self._held_begin: Optional[str] = None  # history marker, shown with the first new message
+        # Hashes of the chat messages shown, so that the history replayed after
+        # a reconnect shows only what was missed.
+        self.seen: Deque[int] = collections.deque(maxlen=SEEN_MEMORY)
+        self._wake = threading.Event()
         self._receiver: Optional[threading.Thread] = None
 
     @property
     def where(self) -> str:
         return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
 
-    def connect(self) -> None:
+    def connect(self, ask: bool = True) -> None:
         """Connect (with TLS when asked), send the nickname and, when the server
-        asks for one, the password."""
+        asks for one, the password (asked for on the terminal when ``ask``)."""
         sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls_context is not None:
@@ -1530,10 +1781,13 @@ class ChatClient:
                 raise ConnectionError("the server closed the connection")
             frames = decoder.feed(data)
         if frames[0] == PASSWORD_REQUEST.encode():
-            password = self.password if self.password is not None else _ask_password()
+            password = self.password
+            if password is None and ask:
+                password = _ask_password()
             if password is None:
                 raise ConnectionError("the server wants a password: give --password "
                                       "or set SELCHAT_PASSWORD")
+            self.password = password  # for reconnecting, which never asks
             sock.sendall(encode_frame(password.encode("utf-8", "surrogatepass")))
             frames = frames[1:]
         sock.settimeout(None)
@@ -1547,10 +1801,11 @@ class ChatClient:
             return 1
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._on_session_ended)
+        self.linked = True
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
-        self._receiver.start()
         try:
             try:
+                self._receiver.start()
                 if self.interactive:
                     self._type_loop()
                 else:
@@ -1582,11 +1837,10 @@ class ChatClient:
         # The first prompt waits for the welcome, which comes at once.
         self.welcome_shown.wait(CONNECT_TIMEOUT)
         while not self.finished:
-            screen.prompt_showing = True
             self.waiting_for_input = True
             screen.before_input()
             try:
-                if self.finished:  # ended before the flag was up: no signal will come
+                if self._ended():  # ended before the flag was up: no signal will come
                     return
                 line = input(screen.PROMPT)
             except EOFError:
@@ -1598,14 +1852,25 @@ class ChatClient:
                 return
             if not line.strip():
                 continue
-            stamp = self._send(line)
-            screen.show(screen.chat_line(stamp, self.nick, line), typed=line)
+            if not self.linked:
+                screen.show(screen.service_line("Not sent: not connected. Type %s to leave."
+                                                % QUIT_COMMAND))
+                continue
+            try:
+                sent = self._send_line(line)
+            except OSError:
+                if not self.reconnect:
+                    raise
+                screen.show(screen.service_line("Not sent: the connection was lost"))
+                continue
+            if sent is not None:  # our own message, shown like everyone else's
+                screen.show(screen.chat_line(sent[0], self.nick, sent[1]), typed=line)
 
     def _pipe_loop(self) -> None:
         while not self.finished:
             self.waiting_for_input = True
             try:
-                if self.finished:
+                if self._ended():
                     return
                 raw = sys.stdin.readline()
             finally:
@@ -1614,7 +1879,11 @@ class ChatClient:
             if not raw or line.strip() == QUIT_COMMAND:
                 return
             if line.strip():
-                self._send(line)
+                self._send_line(line)
+
+    def _ended(self) -> bool:
+        """Whether the receiver has ended the session (it changes behind our back)."""
+        return self.finished
 
     def _on_session_ended(self, signum: int, frame: Any) -> None:
         # Runs in the main thread between two of its steps. Only a wait for
@@ -1646,72 +1915,171 @@ class ChatClient:
             self.token_time = time.monotonic()
         self.tokens -= 1.0
 
-    def _send(self, line: str) -> str:
-        assert self.sock is not None
+    def _send_line(self, line: str) -> Optional[Tuple[str, str]]:
+        """Send a line: a command when it starts with one /, else a chat message
+        (``//text`` sends ``/text``). Returns the chat message's (time, text)."""
+        sock = self.sock
+        if sock is None:
+            raise ConnectionError("not connected")
         self._pace()
+        if line.startswith("/") and not line.startswith("//"):
+            sock.sendall(encode_frame(line.encode("utf-8", "surrogatepass")))
+            return None
+        text = line[1:] if line.startswith("//") else line
         stamp = now_stamp()
-        payload = "\0".join((stamp, self.nick, line)).encode("utf-8", "surrogatepass")
-        self.sock.sendall(encode_frame(payload))
-        return stamp
+        payload = "\0".join((stamp, self.nick, text)).encode("utf-8", "surrogatepass")
+        sock.sendall(encode_frame(payload))
+        if self.reconnect:
+            self.seen.append(hash(payload))
+        return stamp, text
 
     def _leave(self) -> None:
         """Close our side and wait for the server to close its own: by then it has
         taken everything we sent."""
         self.leaving = True
-        if self.sock is not None:
+        self._wake.set()
+        sock = self.sock
+        if sock is not None:
             try:
-                self.sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         if self._receiver is not None:
             self._receiver.join(5.0 if not self.interactive else 2.0)
 
+    # -- the receiver thread ----------------------------------------------
+
     def _receive(self) -> None:
-        assert self.sock is not None
+        failures = 0
+        while True:
+            reason = self._read()
+            if reason is None:  # the server's shutdown notice
+                self._end(0, None)
+                return
+            if not self.joined:  # turned away at the door, even if we were leaving
+                if self.last_notice:
+                    self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
+                else:
+                    self._end(1, "lost: %s" % reason)
+                return
+            if self.leaving:
+                self._end(0, None)
+                return
+            if not self.reconnect:
+                self._end(1, "lost: %s" % reason)
+                return
+            failures = 0 if self.welcomed else failures + 1
+            if not self._reconnect(reason, failures):
+                self._end(0, None)
+                return
+
+    def _read(self) -> Optional[str]:
+        """Show what arrives on this connection until it ends: None after the
+        server's shutdown notice, else the reason it ended."""
+        sock = self.sock
+        if sock is None:
+            return "not connected"
         decoder = self._decoder
-        reason = "the server closed the connection"
+        early, self._early = self._early, []
         try:
-            for payload in self._early:
+            for payload in early:
                 if self._show(payload):
-                    self._end(0, None)
-                    return
+                    return None
             while True:
-                data = self.sock.recv(65536)
+                data = sock.recv(65536)
                 if not data:
-                    break
+                    return "the server closed the connection"
                 for payload in decoder.feed(data):
                     if self._show(payload):
-                        self._end(0, None)
-                        return
+                        return None
         except ProtocolError as exc:
-            reason = "protocol error: %s" % exc
+            return "protocol error: %s" % exc
         except OSError as exc:
             # A TLS peer that closes without a close_notify has still closed.
-            if exc.__class__.__name__ != "SSLEOFError":
-                reason = _reason(exc)
-        if not self.welcomed:  # turned away at the door, even if we were leaving
-            self._end(1, "refused by the server: %s" % sanitize(self.last_notice)
-                      if self.last_notice else "lost: %s" % reason)
-        elif self.leaving:
-            self._end(0, None)
+            if exc.__class__.__name__ == "SSLEOFError":
+                return "the server closed the connection"
+            return _reason(exc)
+
+    def _reconnect(self, reason: str, failures: int) -> bool:
+        """Wait, then connect and send the nickname again, waiting longer after
+        each failure; False when the user leaves meanwhile."""
+        self.linked = False
+        self._close_socket()
+        if failures:
+            why = "Cannot rejoin %s: %s." % (self.where, reason)
         else:
-            self._end(1, "lost: %s" % reason)
+            why = "Connection to %s lost: %s." % (self.where, reason)
+        while True:
+            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(failures, 16))
+            delay *= random.uniform(0.8, 1.2)  # a restarted server is not hit by all at once
+            self.screen.show(self.screen.service_line(
+                "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)))
+            if self._wake.wait(delay) or self.leaving:
+                return False
+            try:
+                self.connect(ask=False)
+            except (OSError, ProtocolError) as exc:
+                self._close_socket()
+                failures += 1
+                why = "Cannot reconnect to %s: %s." % (self.where, _reason(exc))
+                continue
+            self.welcomed = False
+            self.last_notice = ""
+            return True
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # also wakes a send blocked on it
+            except OSError:
+                pass
+            sock.close()
 
     def _show(self, payload: bytes) -> bool:
         """Print one payload; True when it is the server's shutdown notice."""
-        stamp, nick, text = unpack_message(payload)
-        if not self.welcomed and stamp is None and QUIT_COMMAND in text:
-            # The welcome: the one frame that says how to leave.
-            self.welcomed = True
+        stamp, field, text = unpack_message(payload)
+        if stamp is None or field is None:
+            return self._show_notice(text)
+        if self.reconnect:
+            key = hash(payload)
+            if self.replaying and key in self.seen:
+                return False  # shown before the connection was lost
+            self.seen.append(key)
+        if self._held_begin is not None:
+            self.screen.show(self.screen.service_line(self._held_begin))
+            self._held_begin = None
+        kind, nick, _ = read_nick_field(field)
+        mine = nick.casefold() == self.nick.casefold()
+        mentions = [] if mine else find_mentions(text, self.nick)
+        ring = self.bell and not self.replaying and bool(mentions or kind == "private" and not mine)
+        self.screen.show(self.screen.chat_line(stamp, field, text, mentions), bell=ring)
+        return False
+
+    def _show_notice(self, text: str) -> bool:
+        if not self.welcomed and QUIT_COMMAND in text:  # the welcome says how to leave
+            self.joined = self.welcomed = self.linked = True
             self._learn_limit(text)
-        if stamp is None or nick is None:
             self.screen.show(self.screen.service_line(text))
             self.last_notice = text
-            if self.welcomed:
-                self.welcome_shown.set()
-            return text == SHUTDOWN_NOTICE
-        self.screen.show(self.screen.chat_line(stamp, nick, text))
-        return False
+            self.welcome_shown.set()  # the first prompt waits for it
+            return False
+        elif not self.replaying and _is_history_begin(text):
+            # Held back until a message follows it: after a reconnect every
+            # replayed message may have been shown already.
+            self.replaying = True
+            self._held_begin = text
+            return False
+        elif self.replaying and text == HISTORY_END:
+            self.replaying = False
+            held, self._held_begin = self._held_begin, None
+            if held is not None:
+                return False
+        elif text.startswith(RENAMED):
+            self.nick = text[len(RENAMED):]
+        self.screen.show(self.screen.service_line(text))
+        self.last_notice = text
+        return text == SHUTDOWN_NOTICE
 
     def _end(self, status: int, failure: Optional[str]) -> None:
         """The session is over: record why and wake the main thread out of input()."""
@@ -1743,6 +2111,11 @@ class ChatClient:
         except (OSError, ValueError):
             pass
         os._exit(status)
+
+
+def _is_history_begin(text: str) -> bool:
+    prefix, suffix = HISTORY_BEGIN.split("%s")
+    return text.startswith(prefix) and text.endswith(suffix)
 
 
 class SessionEnded(Exception):
@@ -1851,8 +2224,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     env_host = os.environ.get("SELCHAT_HOST")
     env_port = os.environ.get("SELCHAT_PORT")
+    # "selchat" when started as the command that `pip install` makes.
+    installed = os.path.basename(sys.argv[0]).lower() in ("selchat", "selchat.exe")
     parser = argparse.ArgumentParser(
-        prog="selchat.py", formatter_class=_HelpFormatter,
+        prog="selchat" if installed else "selchat.py", formatter_class=_HelpFormatter,
         description="A console chat: one file that is both the server and the client.",
         epilog="examples:\n  python selchat.py server\n"
                "  python selchat.py client --nick alice\n\n"
@@ -1910,11 +2285,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "--password-file keeps it out of ps)")
     server.add_argument("--password-file", metavar="FILE",
                         help="read the password from the first line of FILE")
+    server.add_argument("--history", type=_non_negative, default=DEFAULT_HISTORY, metavar="N",
+                        help="chat messages replayed to a newcomer, 0 for none "
+                             "(default: %d)" % DEFAULT_HISTORY)
 
     client = commands.add_parser(
         "client", formatter_class=_HelpFormatter, help="join a chat server",
         description="Join a chat. Type a line and press Enter to send it; "
-                    "type %s, press Ctrl+D or Ctrl+C to leave." % QUIT_COMMAND,
+                    "type %s, press Ctrl+D or Ctrl+C to leave.\nA line that starts with / "
+                    "is a command (/help lists them); // sends a single /." % QUIT_COMMAND,
         epilog="example:\n  python selchat.py client --host 192.0.2.7 --nick alice\n"
                "  echo 'build finished' | python selchat.py client --nick ci")
     client.add_argument("--host", default=env_host or DEFAULT_CLIENT_HOST,
@@ -1934,6 +2313,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--password", default=os.environ.get("SELCHAT_PASSWORD"),
                         help="the server's password ($SELCHAT_PASSWORD; asked for "
                              "without echo when the server wants one)")
+    client.add_argument("--bell", action="store_true",
+                        help="ring the terminal bell when someone mentions your nickname "
+                             "or sends you a private message")
+    client.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                        help="exit when the connection is lost instead of reconnecting "
+                             "(pipe mode never reconnects)")
     return parser
 
 
@@ -1957,7 +2342,8 @@ def run_server(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, max_clients=args.max_clients,
         handshake_timeout=args.handshake_timeout, rate=args.rate, burst=args.burst,
         max_per_address=args.max_per_address, max_pending=args.max_pending,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, password=password or None)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, password=password or None,
+        history=args.history)
     server = ChatServer(config)
     try:
         server.listen()
@@ -2013,8 +2399,11 @@ def run_client(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _fail("cannot use the CA file %s: %s" % (args.cafile, _reason(exc)))
             return 1
-    client = ChatClient(args.host, args.port, nick, color, interactive, tls_context,
-                        args.password)
+    host = args.host
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as in a URL
+        host = host[1:-1]
+    client = ChatClient(host, args.port, nick, color, interactive, tls_context,
+                        args.password, args.reconnect, args.bell)
     client.saved_terminal = saved = _save_terminal()
     try:
         return client.run()

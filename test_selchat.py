@@ -1620,7 +1620,7 @@ def test_client_exits_zero_by_itself_on_server_shutdown(server, pty_client):
 
 @needs_pty
 def test_client_says_the_connection_was_lost_and_exits_one(server, pty_client):
-    child = pty_client(server.port, "alice")
+    child = pty_client(server.port, "alice", "--no-reconnect")
     child.expect_exact(welcome_text("alice", 1).encode())
     server.proc.kill()
     child.expect(rb"selchat: connection to 127\.0\.0\.1:%d lost" % server.port, timeout=5)
