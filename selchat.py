@@ -66,7 +66,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 __version__ = "1.0.0"
 
@@ -146,17 +146,33 @@ except (AttributeError, ValueError, OSError):
 RESET = "\x1b[0m"
 BOLD_RED = "\x1b[1;31m"
 PRIVATE_STYLE = "\x1b[1;35m"
-MENTION_STYLE = "\x1b[1;7m"   # bold, reversed: stands out on every theme
+MENTION_STYLE = "\x1b[1;7m"  # bold, reversed: stands out on every theme
 BELL = "\a"
 # SGR colours for nicknames: every foreground colour but red (31, 91), which
 # belongs to service messages, and black/white, which vanish on some themes.
-NICK_COLORS = ("32", "33", "34", "35", "36", "92", "93", "94", "95", "96",
-               "1;32", "1;33", "1;34", "1;35", "1;36")
+NICK_COLORS = (
+    "32",
+    "33",
+    "34",
+    "35",
+    "36",
+    "92",
+    "93",
+    "94",
+    "95",
+    "96",
+    "1;32",
+    "1;33",
+    "1;34",
+    "1;35",
+    "1;36",
+)
 
 
 # ---------------------------------------------------------------------------
 # Framing
 # ---------------------------------------------------------------------------
+
 
 class ProtocolError(ValueError):
     """A peer sent something that is not a well-formed selchat frame."""
@@ -197,20 +213,21 @@ class FrameDecoder:
         self.max_size = max_size
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> List[bytes]:
+    def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
         buffer += data
         payloads = []
         pos = 0
         while len(buffer) - pos >= HEADER_SIZE:
-            length = parse_header(bytes(buffer[pos:pos + HEADER_SIZE]))
+            length = parse_header(bytes(buffer[pos : pos + HEADER_SIZE]))
             if self.max_size and length > self.max_size:
-                raise ProtocolError("frame of %d bytes is over the limit of %d"
-                                    % (length, self.max_size))
+                raise ProtocolError(
+                    "frame of %d bytes is over the limit of %d" % (length, self.max_size)
+                )
             end = pos + HEADER_SIZE + length
             if end > len(buffer):
                 break
-            payloads.append(bytes(buffer[pos + HEADER_SIZE:end]))
+            payloads.append(bytes(buffer[pos + HEADER_SIZE : end]))
             pos = end
         if pos:
             del buffer[:pos]
@@ -226,13 +243,14 @@ class FrameDecoder:
 # Messages: pack, unpack, time, sanitise
 # ---------------------------------------------------------------------------
 
-def pack_message(text: str, nick: str, when: Optional[dt.datetime] = None) -> bytes:
+
+def pack_message(text: str, nick: str, when: dt.datetime | None = None) -> bytes:
     """Payload of a chat message, stamped with ``when`` (default: now)."""
     stamp = now_stamp() if when is None else when.isoformat(timespec="seconds")
     return "\0".join((stamp, nick, text)).encode("utf-8", "surrogatepass")
 
 
-def unpack_message(payload: bytes) -> Tuple[Optional[str], Optional[str], str]:
+def unpack_message(payload: bytes) -> tuple[str | None, str | None, str]:
     """Split a payload into (time, nick, text); a service message has no time or nick."""
     try:
         text = payload.decode("utf-8")
@@ -247,17 +265,18 @@ def unpack_message(payload: bytes) -> Tuple[Optional[str], Optional[str], str]:
 
 
 @functools.lru_cache(maxsize=None)
-def local_zone() -> Optional[dt.tzinfo]:
+def local_zone() -> dt.tzinfo | None:
     """The reader's time zone from tzlocal when installed, else None (use the C library's)."""
     try:
         import tzlocal  # optional extra; returns a zoneinfo or pytz zone
-        zone: Optional[dt.tzinfo] = tzlocal.get_localzone()
+
+        zone: dt.tzinfo | None = tzlocal.get_localzone()
         return zone
-    except Exception:  # not installed, or it cannot make sense of this system
+    except Exception:  # noqa: BLE001 - not installed, or it cannot make sense of this system
         return None
 
 
-def _to_zone(moment: dt.datetime, tz: Optional[dt.tzinfo]) -> dt.datetime:
+def _to_zone(moment: dt.datetime, tz: dt.tzinfo | None) -> dt.datetime:
     # datetime.astimezone() goes through tz.fromutc(), which pytz zones implement
     # correctly, so zoneinfo and pytz zones are handled alike.
     return moment.astimezone(tz) if tz is not None else moment.astimezone()
@@ -285,8 +304,7 @@ def parse_stamp(stamp: str) -> dt.datetime:
     return moment
 
 
-def format_time(stamp: str, now: Optional[dt.datetime] = None,
-                tz: Optional[dt.tzinfo] = None) -> str:
+def format_time(stamp: str, now: dt.datetime | None = None, tz: dt.tzinfo | None = None) -> str:
     """Show a sender's time in the reader's zone: HH:MM:SS today, else with the date.
 
     ``tz`` defaults to the local zone. A time that cannot be read is returned as
@@ -303,7 +321,7 @@ def format_time(stamp: str, now: Optional[dt.datetime] = None,
     return local.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def read_nick_field(field: str) -> Tuple[str, str, str]:
+def read_nick_field(field: str) -> tuple[str, str, str]:
     """What a chat message's nick field says: (kind, nick, other).
 
     ``("chat", "alice", "")`` for an ordinary message, ``("action", "alice", "")``
@@ -321,23 +339,30 @@ def read_nick_field(field: str) -> Tuple[str, str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _mention_pattern(nick: str) -> "re.Pattern[str]":
+def _mention_pattern(nick: str) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)%s(?!\w)" % re.escape(nick), re.IGNORECASE)
 
 
-def find_mentions(text: str, nick: str) -> List[Tuple[int, int]]:
+def find_mentions(text: str, nick: str) -> list[tuple[int, int]]:
     """Where ``nick`` appears in ``text`` as a word of its own, in any case."""
     if not nick:
         return []
     return [match.span() for match in _mention_pattern(nick).finditer(text)]
 
 
-def _escape_table() -> Dict[int, str]:
+def _escape_table() -> dict[int, str]:
     table = {code: "\\x%02x" % code for code in itertools.chain(range(0x20), range(0x7F, 0xA0))}
     # Bidirectional controls (they reorder what follows them, "Trojan Source")
     # and the Unicode line and paragraph separators.
-    for code in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A),
-                 0x2028, 0x2029):
+    for code in (
+        0x061C,
+        0x200E,
+        0x200F,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+        0x2028,
+        0x2029,
+    ):
         table[code] = "\\u%04x" % code
     return table
 
@@ -361,7 +386,7 @@ def nick_color(nick: str) -> str:
     return NICK_COLORS[digest % len(NICK_COLORS)]
 
 
-def check_nick(nick: str) -> Optional[str]:
+def check_nick(nick: str) -> str | None:
     """Why ``nick`` cannot be a nickname, or None when it can."""
     if not 1 <= len(nick) <= MAX_NICK_LENGTH:
         return "must be 1 to %d characters" % MAX_NICK_LENGTH
@@ -406,7 +431,7 @@ def _utf8_valid(buffer: Any, start: int, stop: int) -> bool:
         else:
             decoder = codecs.getincrementaldecoder("utf-8")()
             for offset in range(0, stop - start, UTF8_CHUNK):
-                decoder.decode(view[offset:offset + UTF8_CHUNK])
+                decoder.decode(view[offset : offset + UTF8_CHUNK])
             decoder.decode(b"", True)
     except UnicodeDecodeError:
         return False
@@ -426,15 +451,23 @@ TLS_NONE, TLS_PEEK, TLS_HANDSHAKE, TLS_ON = range(4)
 class ServerConfig:
     """Everything the server can be told, with its defaults."""
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 max_message: int = DEFAULT_MAX_MESSAGE, max_queue: int = 0,
-                 max_clients: int = DEFAULT_MAX_CLIENTS,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
-                 max_per_address: Optional[int] = None,
-                 max_pending: int = DEFAULT_MAX_PENDING,
-                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 password: Optional[str] = None, history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        max_queue: int = 0,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        rate: float = DEFAULT_RATE,
+        burst: int = DEFAULT_BURST,
+        max_per_address: int | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        password: str | None = None,
+        history: int = DEFAULT_HISTORY,
+    ) -> None:
         self.host = host
         self.port = port
         self.max_message = max_message if max_message > 0 else MAX_HEADER_LENGTH
@@ -456,43 +489,68 @@ class ServerConfig:
 class Connection:
     """One client socket and the state that belongs to it."""
 
-    __slots__ = ("sock", "host", "address", "nick", "nick_bytes", "nick_field", "nick_key",
-                 "asked_nick",
-                 "tail", "large", "large_got", "skip", "out", "out_size", "writing", "dirty",
-                 "partial", "closing", "eof", "deadline", "handler", "tls", "tls_chunk",
-                 "tokens",
-                 "token_time", "dropped", "flood_since", "warned_at", "joined")
+    __slots__ = (
+        "address",
+        "asked_nick",
+        "closing",
+        "deadline",
+        "dirty",
+        "dropped",
+        "eof",
+        "flood_since",
+        "handler",
+        "host",
+        "joined",
+        "large",
+        "large_got",
+        "nick",
+        "nick_bytes",
+        "nick_field",
+        "nick_key",
+        "out",
+        "out_size",
+        "partial",
+        "skip",
+        "sock",
+        "tail",
+        "tls",
+        "tls_chunk",
+        "token_time",
+        "tokens",
+        "warned_at",
+        "writing",
+    )
 
     def __init__(self, sock: socket.socket, host: str, address: str, deadline: float) -> None:
         self.sock = sock
-        self.host = host                         # the peer's address, for per-address limits
-        self.address = address                   # host:port, for the log
-        self.nick: Optional[str] = None          # set once the nickname is accepted
-        self.asked_nick: Optional[str] = None    # the nickname, while the password is awaited
+        self.host = host  # the peer's address, for per-address limits
+        self.address = address  # host:port, for the log
+        self.nick: str | None = None  # set once the nickname is accepted
+        self.asked_nick: str | None = None  # the nickname, while the password is awaited
         self.nick_bytes = b""
-        self.nick_field = b""                    # b"\0nick\0": how the hot path knows it
+        self.nick_field = b""  # b"\0nick\0": how the hot path knows it
         self.nick_key = ""
-        self.tail = bytearray()                  # the unfinished frame of the last read
-        self.large: Optional[bytearray] = None   # a large frame being read in place
+        self.tail = bytearray()  # the unfinished frame of the last read
+        self.large: bytearray | None = None  # a large frame being read in place
         self.large_got = 0
-        self.skip = 0                            # bytes of a refused frame still to discard
-        self.out: Deque[Buffer] = collections.deque()  # queued output, sent in order
+        self.skip = 0  # bytes of a refused frame still to discard
+        self.out: collections.deque[Buffer] = collections.deque()  # queued output, sent in order
         self.out_size = 0
-        self.writing = False                     # EVENT_WRITE registered
-        self.partial = False                     # out[0] is partly sent
-        self.dirty = False                       # has output to try at the end of this turn
-        self.closing = False                     # closing: no more input is handled
-        self.eof = False                         # the peer has closed its side
-        self.deadline = deadline                 # handshake or close deadline (monotonic)
+        self.writing = False  # EVENT_WRITE registered
+        self.partial = False  # out[0] is partly sent
+        self.dirty = False  # has output to try at the end of this turn
+        self.closing = False  # closing: no more input is handled
+        self.eof = False  # the peer has closed its side
+        self.deadline = deadline  # handshake or close deadline (monotonic)
         self.handler: Callable[[int], None] = lambda mask: None
-        self.tls = TLS_NONE                      # TLS_PEEK, TLS_HANDSHAKE, TLS_ON
-        self.tls_chunk: Optional[bytes] = None   # a TLS write to repeat as it was
-        self.tokens = 0.0                        # the rate limit's token bucket
+        self.tls = TLS_NONE  # TLS_PEEK, TLS_HANDSHAKE, TLS_ON
+        self.tls_chunk: bytes | None = None  # a TLS write to repeat as it was
+        self.tokens = 0.0  # the rate limit's token bucket
         self.token_time = 0.0
-        self.dropped = 0                         # messages over the rate since flood_since
+        self.dropped = 0  # messages over the rate since flood_since
         self.flood_since = 0.0
-        self.warned_at = -FLOOD_WINDOW           # last "slow down" notice
-        self.joined = 0.0                        # when the nickname was accepted (monotonic)
+        self.warned_at = -FLOOD_WINDOW  # last "slow down" notice
+        self.joined = 0.0  # when the nickname was accepted (monotonic)
 
     @property
     def name(self) -> str:
@@ -509,62 +567,69 @@ class Connection:
 class ChatServer:
     """The selector loop: accepts, reads, relays and writes, in one thread."""
 
-    def __init__(self, config: Optional[ServerConfig] = None) -> None:
+    def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config = config or ServerConfig()
         self.max_message = config.max_message
         self.max_queue = config.max_queue
         self.rate = config.rate
         self.selector = selectors.DefaultSelector()
-        self.listener: Optional[socket.socket] = None
-        self.tls_context: Any = None             # an ssl.SSLContext with --tls-cert
-        self.password_digest = (hashlib.sha256(config.password.encode("utf-8")).digest()
-                                if config.password else None)
-        self.connections: Set[Connection] = set()
-        self._waiting: Set[Connection] = set()   # with a deadline: handshake or closing
-        self.users: Dict[str, Connection] = {}   # casefolded nickname -> connection
-        self.per_address: Dict[str, int] = collections.Counter()
-        self.pending_bytes = 0                   # large frames arriving, all together
-        self._now = time.monotonic()             # when this turn of the loop began
-        self._dirty: List[Connection] = []
-        self._overflowed: List[Connection] = []
-        self._joined: List[Connection] = []
-        self._left: List[str] = []
+        self.listener: socket.socket | None = None
+        self.tls_context: Any = None  # an ssl.SSLContext with --tls-cert
+        self.password_digest = (
+            hashlib.sha256(config.password.encode("utf-8")).digest() if config.password else None
+        )
+        self.connections: set[Connection] = set()
+        self._waiting: set[Connection] = set()  # with a deadline: handshake or closing
+        self.users: dict[str, Connection] = {}  # casefolded nickname -> connection
+        self.per_address: dict[str, int] = collections.Counter()
+        self.pending_bytes = 0  # large frames arriving, all together
+        self._now = time.monotonic()  # when this turn of the loop began
+        self._dirty: list[Connection] = []
+        self._overflowed: list[Connection] = []
+        self._joined: list[Connection] = []
+        self._left: list[str] = []
         self._stopping = False
         self._accept_paused_until = 0.0
         self._next_housekeeping = 0.0
-        self._spare_fd: Optional[int] = None
-        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+        self._spare_fd: int | None = None
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
         # The last chat messages as the frames that were relayed, replayed to
         # every newcomer. It must fit
         # in one client's queue, so it also keeps to half of --max-queue.
         self.history_size = config.history
-        self.history: Deque[Tuple[int, Tuple[Buffer, ...]]] = collections.deque()  # (size, frame)
+        # (size, frame) pairs
+        self.history: collections.deque[tuple[int, tuple[Buffer, ...]]] = collections.deque()
         self._history_bytes = 0
         self._history_limit = self.max_queue // 2
 
     # -- setting up -------------------------------------------------------
 
-    def listen(self) -> Tuple[str, int]:
+    def listen(self) -> tuple[str, int]:
         """Load the TLS certificate if any, bind and listen; return the real (host, port)."""
         config = self.config
         if config.tls_cert:
             import ssl
+
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             try:
                 context.load_cert_chain(config.tls_cert, config.tls_key)
             except OSError as exc:  # ssl.SSLError included
-                raise OSError("cannot load the TLS certificate %s: %s"
-                              % (config.tls_cert, _reason(exc))) from None
+                raise OSError(
+                    "cannot load the TLS certificate %s: %s" % (config.tls_cert, _reason(exc))
+                ) from None
             self.tls_context = context
         _raise_file_limit()
         if config.host in ("", "::") and socket.has_dualstack_ipv6():
-            sock = socket.create_server(("", config.port), family=socket.AF_INET6,
-                                        backlog=LISTEN_BACKLOG, dualstack_ipv6=True)
+            sock = socket.create_server(
+                ("", config.port),
+                family=socket.AF_INET6,
+                backlog=LISTEN_BACKLOG,
+                dualstack_ipv6=True,
+            )
         else:
             host = config.host or "0.0.0.0"
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, config.port), family=family,
-                                        backlog=LISTEN_BACKLOG)
+            sock = socket.create_server((host, config.port), family=family, backlog=LISTEN_BACKLOG)
         sock.setblocking(False)
         self.listener = sock
         self.selector.register(sock, selectors.EVENT_READ, self._accept)
@@ -666,16 +731,18 @@ class ChatServer:
         address = "[%s]:%d" % (host, peer[1]) if ":" in host else "%s:%d" % (host, peer[1])
         if len(self.connections) >= config.max_clients:
             log("refused %s: server full (%d clients)" % (address, config.max_clients))
-            _send_and_close(sock, "Server is full (%d clients); try again later"
-                            % config.max_clients)
+            _send_and_close(
+                sock, "Server is full (%d clients); try again later" % config.max_clients
+            )
             return
         per_address = config.max_per_address
         if per_address is None and not _is_loopback(host):
             per_address = DEFAULT_MAX_PER_ADDRESS
         if per_address and self.per_address[host] >= per_address:
             log("refused %s: %d connections from that address" % (address, per_address))
-            _send_and_close(sock, "Too many connections from your address (%d); "
-                            "try again later" % per_address)
+            _send_and_close(
+                sock, "Too many connections from your address (%d); try again later" % per_address
+            )
             return
         sock.setblocking(False)
         try:
@@ -715,15 +782,20 @@ class ChatServer:
                 return
             if first != b"\x16":
                 log("%s disconnected: plain TCP to a TLS server" % conn.address)
-                self._destroy(conn, "Protocol error: this server speaks TLS; "
-                                    "connect with the client's --tls option")
+                self._destroy(
+                    conn,
+                    "Protocol error: this server speaks TLS; "
+                    "connect with the client's --tls option",
+                )
                 return
             self.selector.unregister(conn.sock)
-            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True,
-                                                     do_handshake_on_connect=False)
+            conn.sock = self.tls_context.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
             self.selector.register(conn.sock, selectors.EVENT_READ, conn.handler)
             conn.tls = TLS_HANDSHAKE
         import ssl
+
         try:
             conn.sock.do_handshake()  # type: ignore[attr-defined]
         except ssl.SSLWantReadError:
@@ -797,7 +869,7 @@ class ChatServer:
         nick_field = conn.nick_field  # b"\0nick\0" once registered
         limited = self.rate > 0
         while end - pos >= HEADER_SIZE:
-            length = self._frame_length(conn, data[pos:pos + HEADER_SIZE])
+            length = self._frame_length(conn, data[pos : pos + HEADER_SIZE])
             if length < 0:
                 break
             start = pos + HEADER_SIZE
@@ -808,8 +880,11 @@ class ChatServer:
                 # The hot path: a chat message that already carries the sender's
                 # nickname and some text joins the run, unread beyond that.
                 first = data.find(b"\0", start, stop)
-                if (first >= 0 and data.startswith(nick_field, first)
-                        and first + len(nick_field) < stop):
+                if (
+                    first >= 0
+                    and data.startswith(nick_field, first)
+                    and first + len(nick_field) < stop
+                ):
                     if not limited or self._admit(conn):
                         if run < 0:
                             run = pos
@@ -846,7 +921,7 @@ class ChatServer:
         if not _utf8_valid(data, run, stop):
             good = run
             while good < stop:
-                end = good + HEADER_SIZE + parse_header(data[good:good + HEADER_SIZE])
+                end = good + HEADER_SIZE + parse_header(data[good : good + HEADER_SIZE])
                 if not _utf8_valid(data, good + HEADER_SIZE, end):
                     break
                 good = end
@@ -864,18 +939,26 @@ class ChatServer:
         try:
             length = parse_header(header)
         except ProtocolError:
-            self._reject(conn, "Protocol error: a frame header must be the payload length "
-                         "in ASCII digits, padded with spaces to %d bytes" % HEADER_SIZE,
-                         "bad frame header %r" % header)
+            self._reject(
+                conn,
+                "Protocol error: a frame header must be the payload length "
+                "in ASCII digits, padded with spaces to %d bytes" % HEADER_SIZE,
+                "bad frame header %r" % header,
+            )
             return -1
         if conn.nick is None and length > MAX_HANDSHAKE_FRAME:
-            self._reject(conn, "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
-                         "handshake frame of %d bytes" % length)
+            self._reject(
+                conn,
+                "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
+                "handshake frame of %d bytes" % length,
+            )
             return -1
         if length > self.max_message:
-            self._reject(conn, "Message too long: %d bytes (limit %d bytes)"
-                         % (length, self.max_message),
-                         "frame of %d bytes over --max-message" % length)
+            self._reject(
+                conn,
+                "Message too long: %d bytes (limit %d bytes)" % (length, self.max_message),
+                "frame of %d bytes over --max-message" % length,
+            )
             return -1
         return length
 
@@ -885,7 +968,7 @@ class ChatServer:
         tail = conn.tail
         if len(tail) < HEADER_SIZE:
             take = HEADER_SIZE - len(tail)
-            tail += data[pos:pos + take]
+            tail += data[pos : pos + take]
             pos += take
             if len(tail) < HEADER_SIZE:
                 return -1
@@ -897,7 +980,7 @@ class ChatServer:
             pos += self._start_large(conn, length, tail[HEADER_SIZE:], data, pos)
             return -1 if conn.large is not None or conn.skip or pos >= len(data) else pos
         need = HEADER_SIZE + length - len(tail)
-        tail += data[pos:pos + need]
+        tail += data[pos : pos + need]
         if len(tail) < HEADER_SIZE + length:
             return -1
         conn.tail = bytearray()
@@ -908,14 +991,15 @@ class ChatServer:
 
     def _keep_tail(self, conn: Connection, data: bytes, pos: int) -> None:
         if len(data) - pos >= HEADER_SIZE:
-            length = parse_header(data[pos:pos + HEADER_SIZE])  # checked by _frame_length
+            length = parse_header(data[pos : pos + HEADER_SIZE])  # checked by _frame_length
             if length >= LARGE_FRAME:
                 self._start_large(conn, length, b"", data, pos + HEADER_SIZE)
                 return
         conn.tail = bytearray(data[pos:])
 
-    def _start_large(self, conn: Connection, length: int, head: Buffer,
-                     data: bytes, pos: int) -> int:
+    def _start_large(
+        self, conn: Connection, length: int, head: Buffer, data: bytes, pos: int
+    ) -> int:
         """Begin a large frame; return how many bytes of data[pos:] belong to it.
 
         It gets a buffer of its announced size, filled in place by recv_into():
@@ -925,17 +1009,20 @@ class ChatServer:
         recovers by itself as the others complete.
         """
         got = len(head)
-        piece = data[pos:pos + length - got]
+        piece = data[pos : pos + length - got]
         if self.pending_bytes + length > self.config.max_pending:
             conn.skip = length - got - len(piece)
-            log("%s: large message refused, %d bytes already arriving"
-                % (conn.name, self.pending_bytes))
-            self._tell(conn, "Not sent: the server is busy receiving other large messages; "
-                             "try again later")
+            log(
+                "%s: large message refused, %d bytes already arriving"
+                % (conn.name, self.pending_bytes)
+            )
+            self._tell(
+                conn, "Not sent: the server is busy receiving other large messages; try again later"
+            )
             return len(piece)
         large = bytearray(length)
         large[:got] = head
-        large[got:got + len(piece)] = piece
+        large[got : got + len(piece)] = piece
         conn.large = large
         conn.large_got = got + len(piece)
         self.pending_bytes += length
@@ -946,7 +1033,7 @@ class ChatServer:
     def _receive_large(self, conn: Connection) -> None:
         large = conn.large
         assert large is not None
-        count = conn.sock.recv_into(memoryview(large)[conn.large_got:])
+        count = conn.sock.recv_into(memoryview(large)[conn.large_got :])
         if not count:
             self._peer_closed(conn)
             return
@@ -954,7 +1041,7 @@ class ChatServer:
         if conn.large_got == len(large):
             self._finish_large(conn)
 
-    def _drop_large(self, conn: Connection) -> Optional[bytearray]:
+    def _drop_large(self, conn: Connection) -> bytearray | None:
         large = conn.large
         if large is not None:
             conn.large = None
@@ -994,11 +1081,11 @@ class ChatServer:
         # Relay with the registered nickname in place of whatever was sent.
         head = b"".join((bytes(data[start:first]), b"\0", conn.nick_bytes, b"\0"))
         size = len(head) + stop - second - 1
-        frame: Tuple[Buffer, ...]
+        frame: tuple[Buffer, ...]
         if size < LARGE_FRAME:
-            frame = (b"".join((frame_header(size), head, bytes(data[second + 1:stop]))),)
+            frame = (b"".join((frame_header(size), head, bytes(data[second + 1 : stop]))),)
         else:  # the text is shared by every receiver, never copied
-            frame = (frame_header(size) + head, memoryview(data)[second + 1:stop])
+            frame = (frame_header(size) + head, memoryview(data)[second + 1 : stop])
         self._broadcast(frame, conn)
         if self.history_size:
             self._remember(HEADER_SIZE + size, frame)
@@ -1008,15 +1095,21 @@ class ChatServer:
         try:
             nick = str(memoryview(data)[start:stop], "utf-8")
         except UnicodeDecodeError:
-            self._reject(conn, "Protocol error: the nickname is not valid UTF-8",
-                         "nickname is not valid UTF-8")
+            self._reject(
+                conn,
+                "Protocol error: the nickname is not valid UTF-8",
+                "nickname is not valid UTF-8",
+            )
             return False
         reason = check_nick(nick)
         if reason is None and nick.casefold() in self.users:
             reason = "%r is already in use" % nick
         if reason is not None:
-            self._reject(conn, "Nickname rejected: %s" % reason.replace("'", '"'),
-                         "nickname rejected: %s" % reason)
+            self._reject(
+                conn,
+                "Nickname rejected: %s" % reason.replace("'", '"'),
+                "nickname rejected: %s" % reason,
+            )
             return False
         if self.password_digest is not None and conn.asked_nick is None:
             conn.asked_nick = nick
@@ -1026,10 +1119,16 @@ class ChatServer:
         self._waiting.discard(conn)
         conn.name_as(nick)
         self.users[conn.nick_key] = conn
-        limit = (" Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
-                 if self.rate else "")
-        self._tell(conn, "Welcome to selchat, %s! %s online. Type %s to leave.%s"
-                   % (nick, plural(len(self.users), "user"), QUIT_COMMAND, limit))
+        limit = (
+            " Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
+            if self.rate
+            else ""
+        )
+        self._tell(
+            conn,
+            "Welcome to selchat, %s! %s online. Type %s to leave.%s"
+            % (nick, plural(len(self.users), "user"), QUIT_COMMAND, limit),
+        )
         conn.joined = time.monotonic()
         self._replay_history(conn)
         self._joined.append(conn)
@@ -1065,18 +1164,26 @@ class ChatServer:
             conn.dropped = 0
         conn.dropped += 1
         if conn.dropped > max(rate * FLOOD_WINDOW, burst):
-            self._reject(conn, "Disconnected: flooding (far over %g messages a second)" % rate,
-                         "flooding")
+            self._reject(
+                conn, "Disconnected: flooding (far over %g messages a second)" % rate, "flooding"
+            )
         elif now - conn.warned_at >= 1.0:
             conn.warned_at = now
-            self._tell(conn, "Slow down: at most %g messages a second, bursts of %d; "
-                             "messages over that are not sent" % (rate, burst))
+            self._tell(
+                conn,
+                "Slow down: at most %g messages a second, bursts of %d; "
+                "messages over that are not sent" % (rate, burst),
+            )
         return False
 
     def _command(self, conn: Connection, line: str) -> None:
         if not line.startswith("/"):
-            self._tell(conn, "Not sent: a message must be a chat message or a /command"
-                       if line else "Not sent: the message is empty")
+            self._tell(
+                conn,
+                "Not sent: a message must be a chat message or a /command"
+                if line
+                else "Not sent: the message is empty",
+            )
             return
         name = line.split(None, 1)[0] if line.strip() else line
         handler = self.COMMANDS.get(name.lower())
@@ -1091,17 +1198,27 @@ class ChatServer:
     def _cmd_help(self, conn: Connection, line: str) -> None:
         """/help: this list"""
         usage = "; ".join((handler.__doc__ or "").strip() for handler in self.COMMANDS.values())
-        self._tell(conn, "Commands: %s. Start a message with // to send it with a single /. "
-                   "Type %s to leave." % (usage, QUIT_COMMAND))
+        self._tell(
+            conn,
+            "Commands: %s. Start a message with // to send it with a single /. "
+            "Type %s to leave." % (usage, QUIT_COMMAND),
+        )
 
     def _cmd_who(self, conn: Connection, line: str) -> None:
         """/who: who is online, and since when"""
         now = time.monotonic()
         users = sorted(self.users.values(), key=lambda user: user.nick_key)
-        self._tell(conn, "%s online: %s" % (
-            plural(len(users), "user"),
-            ", ".join("%s (joined %s ago)" % (user.nick, duration(now - user.joined))
-                      for user in users)))
+        self._tell(
+            conn,
+            "%s online: %s"
+            % (
+                plural(len(users), "user"),
+                ", ".join(
+                    "%s (joined %s ago)" % (user.nick, duration(now - user.joined))
+                    for user in users
+                ),
+            ),
+        )
 
     def _cmd_msg(self, conn: Connection, line: str) -> None:
         """/msg NICK TEXT: a private message to NICK alone"""
@@ -1111,8 +1228,11 @@ class ChatServer:
             return
         target = self.users.get(parts[1].casefold())
         if target is None:
-            self._tell(conn, "Not sent: nobody called %s is online (/who lists who is)"
-                       % parts[1][:MAX_NICK_LENGTH])
+            self._tell(
+                conn,
+                "Not sent: nobody called %s is online (/who lists who is)"
+                % parts[1][:MAX_NICK_LENGTH],
+            )
             return
         field = "%s %s -> %s" % (PRIVATE_MARK, conn.nick, target.nick)
         frame = (encode_frame("\0".join((utc_stamp(), field, parts[2])).encode("utf-8")),)
@@ -1143,8 +1263,9 @@ class ChatServer:
         self.users[conn.nick_key] = conn
         self._tell(conn, RENAMED + new)
         if conn not in self._joined:  # otherwise the join notice names the new nickname
-            self._broadcast((encode_frame(("%s is now known as %s" % (old, new))
-                                          .encode("utf-8")),), conn)
+            self._broadcast(
+                (encode_frame(("%s is now known as %s" % (old, new)).encode("utf-8")),), conn
+            )
         log("%s (%s) is now known as %s" % (old, conn.address, new))
 
     def _cmd_me(self, conn: Connection, line: str) -> None:
@@ -1159,7 +1280,7 @@ class ChatServer:
         if self.history_size:
             self._remember(len(frame), (frame,))
 
-    COMMANDS: Dict[str, Callable[[ChatServer, Connection, str], None]] = {
+    COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
         "/help": _cmd_help,
         "/who": _cmd_who,
         "/msg": _cmd_msg,
@@ -1176,13 +1297,13 @@ class ChatServer:
         starts = []
         while start < stop:
             starts.append(start)
-            start += HEADER_SIZE + int(data[start:start + HEADER_SIZE])  # checked already
+            start += HEADER_SIZE + int(data[start : start + HEADER_SIZE])  # checked already
         starts.append(stop)
         for index in range(max(0, len(starts) - 1 - self.history_size), len(starts) - 1):
             begin, end = starts[index], starts[index + 1]
             self._remember(end - begin, (data[begin:end],))
 
-    def _remember(self, size: int, frame: Tuple[Buffer, ...]) -> None:
+    def _remember(self, size: int, frame: tuple[Buffer, ...]) -> None:
         history = self.history
         history.append((size, frame))
         self._history_bytes += size
@@ -1193,7 +1314,7 @@ class ChatServer:
         if not self.history:
             return
         begin = HISTORY_BEGIN % plural(len(self.history), "message")
-        buffers: List[Buffer] = [encode_frame(begin.encode("utf-8"))]
+        buffers: list[Buffer] = [encode_frame(begin.encode("utf-8"))]
         for _, frame in self.history:
             buffers.extend(frame)
         buffers.append(encode_frame(HISTORY_END.encode("utf-8")))
@@ -1218,8 +1339,12 @@ class ChatServer:
         if conn.out_size > self.max_queue and len(conn.out) > len(buffers):
             self._overflowed.append(conn)
 
-    def _broadcast(self, buffers: Sequence[Buffer], sender: Optional[Connection] = None,
-                   skip: Iterable[Connection] = ()) -> None:
+    def _broadcast(
+        self,
+        buffers: Sequence[Buffer],
+        sender: Connection | None = None,
+        skip: Iterable[Connection] = (),
+    ) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
         if self._joined:  # whoever joined this turn is announced before they speak
             self._announce()
@@ -1279,8 +1404,9 @@ class ChatServer:
         if out:
             if not conn.writing:
                 conn.writing = True
-                self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                     conn.handler)
+                self.selector.modify(
+                    sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn.handler
+                )
         else:
             if conn.writing:
                 conn.writing = False
@@ -1338,14 +1464,24 @@ class ChatServer:
         online = len(self.users)
         if joined:
             self._broadcast(
-                (encode_frame(("%s joined the chat (%d online)"
-                               % (_names([c.nick or "" for c in joined]), online))
-                              .encode("utf-8")),),
-                skip=joined)
+                (
+                    encode_frame(
+                        (
+                            "%s joined the chat (%d online)"
+                            % (_names([c.nick or "" for c in joined]), online)
+                        ).encode("utf-8")
+                    ),
+                ),
+                skip=joined,
+            )
         if left:
             self._broadcast(
-                (encode_frame(("%s left the chat (%d online)" % (_names(left), online))
-                              .encode("utf-8")),))
+                (
+                    encode_frame(
+                        ("%s left the chat (%d online)" % (_names(left), online)).encode("utf-8")
+                    ),
+                )
+            )
 
     def _housekeeping(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -1357,8 +1493,11 @@ class ChatServer:
                 self._destroy(conn)
             else:
                 self._waiting.discard(conn)
-                self._reject(conn, "No nickname received within %g seconds"
-                             % self.config.handshake_timeout, "handshake timeout")
+                self._reject(
+                    conn,
+                    "No nickname received within %g seconds" % self.config.handshake_timeout,
+                    "handshake timeout",
+                )
 
     # -- closing ----------------------------------------------------------
 
@@ -1382,11 +1521,16 @@ class ChatServer:
         if head is not None:
             conn.out.append(head)
             conn.out_size = len(head)
-        self._reject(conn, "Disconnected: you were not reading and over %d bytes were "
-                     "waiting for you" % self.max_queue, "output queue over --max-queue")
+        self._reject(
+            conn,
+            "Disconnected: you were not reading and over %d bytes were "
+            "waiting for you" % self.max_queue,
+            "output queue over --max-queue",
+        )
 
-    def _close_when_done(self, conn: Connection, notice: Optional[str],
-                         grace: float = CLOSE_GRACE) -> None:
+    def _close_when_done(
+        self, conn: Connection, notice: str | None, grace: float = CLOSE_GRACE
+    ) -> None:
         conn.closing = True
         conn.tail = bytearray()
         conn.skip = 0
@@ -1426,7 +1570,7 @@ class ChatServer:
             self._leave_room(conn, why)
         self._destroy(conn)
 
-    def _destroy(self, conn: Connection, farewell: Optional[str] = None) -> None:
+    def _destroy(self, conn: Connection, farewell: str | None = None) -> None:
         """Close now; ``farewell`` is one last notice tried without waiting."""
         if conn not in self.connections:
             return
@@ -1485,17 +1629,24 @@ class ChatServer:
             os.close(self._spare_fd)
             self._spare_fd = None
         self.selector.close()
-        log("stopped%s" % (" (%s could not take everything in time)"
-                           % plural(unsent, "client") if unsent else ""))
+        log(
+            "stopped%s"
+            % (
+                " (%s could not take everything in time)" % plural(unsent, "client")
+                if unsent
+                else ""
+            )
+        )
 
 
 _HAVE_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 
-def _would_block() -> Tuple[Type[BaseException], ...]:
-    errors: List[Type[BaseException]] = [BlockingIOError, InterruptedError]
+def _would_block() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [BlockingIOError, InterruptedError]
     try:
         import ssl
+
         errors += [ssl.SSLWantReadError, ssl.SSLWantWriteError]
     except ImportError:  # Python built without OpenSSL: no TLS, nothing to add
         pass
@@ -1510,7 +1661,7 @@ def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
 
 
-def _names(names: List[str]) -> str:
+def _names(names: list[str]) -> str:
     if len(names) > NOTICE_NAMES:
         return "%s and %d others" % (", ".join(names[:NOTICE_NAMES]), len(names) - NOTICE_NAMES)
     if len(names) == 1:
@@ -1528,7 +1679,7 @@ def _send_and_close(sock: socket.socket, text: str) -> None:
     sock.close()
 
 
-def _open_spare_fd() -> Optional[int]:
+def _open_spare_fd() -> int | None:
     try:
         return os.open(os.devnull, os.O_RDONLY)
     except OSError:
@@ -1556,6 +1707,7 @@ def _raise_file_limit() -> None:
 # The client
 # ---------------------------------------------------------------------------
 
+
 class Screen:
     """All output of the client goes through here: it knows whether the prompt
     (and a half-typed line) is showing, and draws it again below a new message.
@@ -1574,13 +1726,14 @@ class Screen:
         self.prompt_showing = False
         self.lock = threading.Lock()
         self.readline: Any = None
-        self._redraw: Optional[Callable[[], Any]] = None
-        self._printed = 0            # messages printed while the prompt was not showing
-        self.in_hook = False         # readline's pre-input hook is running
+        self._redraw: Callable[[], Any] | None = None
+        self._printed = 0  # messages printed while the prompt was not showing
+        self.in_hook = False  # readline's pre-input hook is running
         self._printed_before_input = 0
         if interactive:
             try:
                 import readline  # POSIX: line editing and history
+
                 self.readline = readline
             except ImportError:
                 return
@@ -1590,8 +1743,9 @@ class Screen:
             # and the typed text on the new line with the cursor where it was.
             try:
                 import ctypes
+
                 self._redraw = ctypes.CDLL(readline.__file__).rl_forced_update_display
-            except Exception:  # no ctypes, or a readline without that function
+            except Exception:  # noqa: BLE001 - no ctypes, or a readline without that function
                 pass
 
     def before_input(self) -> None:
@@ -1631,8 +1785,9 @@ class Screen:
         except (OSError, ValueError):
             pass
 
-    def chat_line(self, stamp: str, field: str, text: str,
-                  mentions: Sequence[Tuple[int, int]] = ()) -> str:
+    def chat_line(
+        self, stamp: str, field: str, text: str, mentions: Sequence[tuple[int, int]] = ()
+    ) -> str:
         """``[time] nick: text``, ``[time] * nick action`` or
         ``[time] [private] sender -> receiver: text``, with ``mentions`` (spans of
         ``text``) highlighted."""
@@ -1642,8 +1797,13 @@ class Screen:
             return "[%s] %s %s %s" % (format_time(stamp), ACTION_MARK, self._nick(nick), shown)
         if kind == "private":
             mark = PRIVATE_STYLE + PRIVATE_MARK + RESET if self.color else PRIVATE_MARK
-            return "[%s] %s %s -> %s: %s" % (format_time(stamp), mark, self._nick(nick),
-                                             self._nick(other), shown)
+            return "[%s] %s %s -> %s: %s" % (
+                format_time(stamp),
+                mark,
+                self._nick(nick),
+                self._nick(other),
+                shown,
+            )
         return "[%s] %s: %s" % (format_time(stamp), self._nick(nick), shown)
 
     def _nick(self, nick: str) -> str:
@@ -1651,14 +1811,13 @@ class Screen:
             return "\x1b[%sm%s%s" % (nick_color(nick), sanitize(nick), RESET)
         return sanitize(nick)
 
-    def _text(self, text: str, mentions: Sequence[Tuple[int, int]]) -> str:
+    def _text(self, text: str, mentions: Sequence[tuple[int, int]]) -> str:
         if not self.color or not mentions:
             return sanitize(text)
         pieces = []
         done = 0
         for start, stop in mentions:  # sanitised piece by piece: escapes never match
-            pieces += [sanitize(text[done:start]), MENTION_STYLE,
-                       sanitize(text[start:stop]), RESET]
+            pieces += [sanitize(text[done:start]), MENTION_STYLE, sanitize(text[start:stop]), RESET]
             done = stop
         pieces.append(sanitize(text[done:]))
         return "".join(pieces)
@@ -1667,7 +1826,7 @@ class Screen:
         text = sanitize(text)
         return BOLD_RED + text + RESET if self.color else text
 
-    def show(self, line: str, typed: Optional[str] = None, bell: bool = False) -> None:
+    def show(self, line: str, typed: str | None = None, bell: bool = False) -> None:
         """Print a line; ``typed`` is the user's own line the terminal echoed,
         which the formatted copy replaces; ``bell`` rings the terminal bell."""
         if bell:
@@ -1704,8 +1863,10 @@ class Screen:
 
 
 def _width(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else
-               0 if unicodedata.combining(c) else 1 for c in text)
+    return sum(
+        2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
+        for c in text
+    )
 
 
 def _rows(columns: int) -> int:
@@ -1720,44 +1881,53 @@ class ChatClient:
     joined on is lost without the server's shutdown notice.
     """
 
-    def __init__(self, host: str, port: int, nick: str, color: bool, interactive: bool,
-                 tls_context: Any = None, password: Optional[str] = None,
-                 reconnect: bool = False, bell: bool = False) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        nick: str,
+        color: bool,
+        interactive: bool,
+        tls_context: Any = None,
+        password: str | None = None,
+        reconnect: bool = False,
+        bell: bool = False,
+    ) -> None:
         self.host = host
         self.port = port
         self.nick = nick
         self.tls_context = tls_context
         self.password = password
-        self.rate = 0.0              # the server's limit, from its welcome: we keep under it
+        self.rate = 0.0  # the server's limit, from its welcome: we keep under it
         self.burst = 1.0
         self.tokens = 0.0
         self.token_time = 0.0
-        self._early: List[bytes] = []  # frames read during the handshake
+        self._early: list[bytes] = []  # frames read during the handshake
         self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
         self.waiting_for_input = False  # the main thread is blocked reading input
         self.welcome_shown = threading.Event()
         self._main_left = threading.Event()  # the main thread no longer waits for input
-        self.saved_terminal: Any = None        # termios settings, for a last-resort exit
+        self.saved_terminal: Any = None  # termios settings, for a last-resort exit
         self.screen = Screen(color, interactive)
         self.interactive = interactive
-        self.reconnect = reconnect and interactive   # pipe mode never reconnects
+        self.reconnect = reconnect and interactive  # pipe mode never reconnects
         self.bell = bell and interactive
-        self.sock: Optional[socket.socket] = None
-        self.leaving = False         # we asked to leave: the server closing is expected
-        self.finished = False        # the receiver has seen the end of the session
+        self.sock: socket.socket | None = None
+        self.leaving = False  # we asked to leave: the server closing is expected
+        self.finished = False  # the receiver has seen the end of the session
         self.status = 0
-        self.failure: Optional[str] = None
+        self.failure: str | None = None
         self.last_notice = ""
-        self.joined = False          # welcomed at least once
-        self.welcomed = False        # welcomed on the current connection
-        self.linked = False          # lines typed now can be sent
-        self.replaying = False       # between the history markers
-        self._held_begin: Optional[str] = None  # history marker, shown with the first new message
+        self.joined = False  # welcomed at least once
+        self.welcomed = False  # welcomed on the current connection
+        self.linked = False  # lines typed now can be sent
+        self.replaying = False  # between the history markers
+        self._held_begin: str | None = None  # history marker, shown with the first new message
         # Hashes of the chat messages shown, so that the history replayed after
         # a reconnect shows only what was missed.
-        self.seen: Deque[int] = collections.deque(maxlen=SEEN_MEMORY)
+        self.seen: collections.deque[int] = collections.deque(maxlen=SEEN_MEMORY)
         self._wake = threading.Event()
-        self._receiver: Optional[threading.Thread] = None
+        self._receiver: threading.Thread | None = None
 
     @property
     def where(self) -> str:
@@ -1774,7 +1944,7 @@ class ChatClient:
         sock.sendall(encode_frame(self.nick.encode("utf-8", "surrogatepass")))
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
         self._decoder = decoder
-        frames: List[bytes] = []
+        frames: list[bytes] = []
         while not frames:
             data = sock.recv(65536)
             if not data:
@@ -1785,8 +1955,9 @@ class ChatClient:
             if password is None and ask:
                 password = _ask_password()
             if password is None:
-                raise ConnectionError("the server wants a password: give --password "
-                                      "or set SELCHAT_PASSWORD")
+                raise ConnectionError(
+                    "the server wants a password: give --password or set SELCHAT_PASSWORD"
+                )
             self.password = password  # for reconnecting, which never asks
             sock.sendall(encode_frame(password.encode("utf-8", "surrogatepass")))
             frames = frames[1:]
@@ -1853,8 +2024,9 @@ class ChatClient:
             if not line.strip():
                 continue
             if not self.linked:
-                screen.show(screen.service_line("Not sent: not connected. Type %s to leave."
-                                                % QUIT_COMMAND))
+                screen.show(
+                    screen.service_line("Not sent: not connected. Type %s to leave." % QUIT_COMMAND)
+                )
                 continue
             try:
                 sent = self._send_line(line)
@@ -1915,7 +2087,7 @@ class ChatClient:
             self.token_time = time.monotonic()
         self.tokens -= 1.0
 
-    def _send_line(self, line: str) -> Optional[Tuple[str, str]]:
+    def _send_line(self, line: str) -> tuple[str, str] | None:
         """Send a line: a command when it starts with one /, else a chat message
         (``//text`` sends ``/text``). Returns the chat message's (time, text)."""
         sock = self.sock
@@ -1973,7 +2145,7 @@ class ChatClient:
                 self._end(0, None)
                 return
 
-    def _read(self) -> Optional[str]:
+    def _read(self) -> str | None:
         """Show what arrives on this connection until it ends: None after the
         server's shutdown notice, else the reason it ended."""
         sock = self.sock
@@ -2012,8 +2184,11 @@ class ChatClient:
         while True:
             delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(failures, 16))
             delay *= random.uniform(0.8, 1.2)  # a restarted server is not hit by all at once
-            self.screen.show(self.screen.service_line(
-                "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)))
+            self.screen.show(
+                self.screen.service_line(
+                    "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)
+                )
+            )
             if self._wake.wait(delay) or self.leaving:
                 return False
             try:
@@ -2052,7 +2227,9 @@ class ChatClient:
         kind, nick, _ = read_nick_field(field)
         mine = nick.casefold() == self.nick.casefold()
         mentions = [] if mine else find_mentions(text, self.nick)
-        ring = self.bell and not self.replaying and bool(mentions or kind == "private" and not mine)
+        ring = (
+            self.bell and not self.replaying and bool(mentions or (kind == "private" and not mine))
+        )
         self.screen.show(self.screen.chat_line(stamp, field, text, mentions), bell=ring)
         return False
 
@@ -2076,12 +2253,12 @@ class ChatClient:
             if held is not None:
                 return False
         elif text.startswith(RENAMED):
-            self.nick = text[len(RENAMED):]
+            self.nick = text[len(RENAMED) :]
         self.screen.show(self.screen.service_line(text))
         self.last_notice = text
         return text == SHUTDOWN_NOTICE
 
-    def _end(self, status: int, failure: Optional[str]) -> None:
+    def _end(self, status: int, failure: str | None) -> None:
         """The session is over: record why and wake the main thread out of input()."""
         self.welcome_shown.set()
         self.status = status
@@ -2123,11 +2300,12 @@ class SessionEnded(Exception):
     the session end."""
 
 
-def _ask_password() -> Optional[str]:
+def _ask_password() -> str | None:
     """Ask on the terminal without echo; None when there is no terminal to ask on."""
     if not sys.stdin.isatty():
         return None
     import getpass
+
     try:
         return getpass.getpass("Password: ")
     except EOFError:
@@ -2156,7 +2334,8 @@ def _fail(message: str) -> None:
 
 
 def use_color(no_color_flag: bool, stream: Any = None) -> bool:
-    """Colour rules: NO_COLOR and --no-color win, FORCE_COLOR forces, else a terminal that is not dumb."""
+    """Colour rules: NO_COLOR and --no-color win, FORCE_COLOR forces, else a
+    terminal that is not dumb."""
     if no_color_flag or os.environ.get("NO_COLOR"):
         return False
     force = os.environ.get("FORCE_COLOR", "")
@@ -2169,6 +2348,7 @@ def use_color(no_color_flag: bool, stream: Any = None) -> bool:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
 
 def _port(text: str) -> int:
     try:
@@ -2227,98 +2407,182 @@ def build_parser() -> argparse.ArgumentParser:
     # "selchat" when started as the command that `pip install` makes.
     installed = os.path.basename(sys.argv[0]).lower() in ("selchat", "selchat.exe")
     parser = argparse.ArgumentParser(
-        prog="selchat" if installed else "selchat.py", formatter_class=_HelpFormatter,
+        prog="selchat" if installed else "selchat.py",
+        formatter_class=_HelpFormatter,
         description="A console chat: one file that is both the server and the client.",
         epilog="examples:\n  python selchat.py server\n"
-               "  python selchat.py client --nick alice\n\n"
-               "SELCHAT_HOST and SELCHAT_PORT, when set, replace the default host and port.")
+        "  python selchat.py client --nick alice\n\n"
+        "SELCHAT_HOST and SELCHAT_PORT, when set, replace the default host and port.",
+    )
     parser.add_argument("--version", action="version", version="selchat " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="{server,client}")
     commands.required = True
 
     server = commands.add_parser(
-        "server", formatter_class=_HelpFormatter, help="run the chat server",
+        "server",
+        formatter_class=_HelpFormatter,
+        help="run the chat server",
         description="Run the chat server until Ctrl+C or SIGTERM.",
         epilog="example:\n  python selchat.py server --port 9009\n"
-               "  python selchat.py server --host 127.0.0.1 --port 0   # any free port")
-    server.add_argument("--host", default=env_host if env_host is not None else DEFAULT_HOST,
-                        help="address to listen on (default: all interfaces; $SELCHAT_HOST)")
-    server.add_argument("--port", type=_port, default=env_port or DEFAULT_PORT,
-                        help="port to listen on, 0 for any free one "
-                             "(default: %d; $SELCHAT_PORT)" % DEFAULT_PORT)
-    server.add_argument("--max-message", type=_non_negative, default=DEFAULT_MAX_MESSAGE,
-                        metavar="BYTES",
-                        help="longest accepted message payload, 0 for no limit but the "
-                             "header's (default: %d)" % DEFAULT_MAX_MESSAGE)
-    server.add_argument("--max-queue", type=_non_negative, default=0, metavar="BYTES",
-                        help="unsent output held for one client before it is disconnected "
-                             "(default: %d or twice --max-message, whichever is larger)"
-                             % DEFAULT_MAX_QUEUE)
-    server.add_argument("--max-clients", type=_non_negative, default=DEFAULT_MAX_CLIENTS,
-                        metavar="N", help="connections at once (default: %d)"
-                        % DEFAULT_MAX_CLIENTS)
-    server.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
-                        default=DEFAULT_HANDSHAKE_TIMEOUT,
-                        help="time a new connection has to send its nickname "
-                             "(and password) (default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT)
-    server.add_argument("--rate", type=_non_negative_float, default=DEFAULT_RATE,
-                        metavar="MSGS_PER_SECOND",
-                        help="messages a second one client may send, 0 for no limit; "
-                             "more is not relayed, and a client that keeps flooding is "
-                             "disconnected (default: %g)" % DEFAULT_RATE)
-    server.add_argument("--burst", type=_positive, default=DEFAULT_BURST, metavar="N",
-                        help="messages a client may send at once before --rate applies "
-                             "(default: %d)" % DEFAULT_BURST)
-    server.add_argument("--max-per-address", type=_non_negative, default=None, metavar="N",
-                        help="connections from one address, 0 for no limit (default: %d, "
-                             "loopback exempt)" % DEFAULT_MAX_PER_ADDRESS)
-    server.add_argument("--max-pending", type=_non_negative, default=DEFAULT_MAX_PENDING,
-                        metavar="BYTES",
-                        help="memory for large messages still arriving, all clients "
-                             "together; past it new ones are refused for a while "
-                             "(default: %d)" % DEFAULT_MAX_PENDING)
-    server.add_argument("--tls-cert", metavar="FILE",
-                        help="serve TLS with this certificate (PEM; may hold the key too)")
+        "  python selchat.py server --host 127.0.0.1 --port 0   # any free port",
+    )
+    server.add_argument(
+        "--host",
+        default=env_host if env_host is not None else DEFAULT_HOST,
+        help="address to listen on (default: all interfaces; $SELCHAT_HOST)",
+    )
+    server.add_argument(
+        "--port",
+        type=_port,
+        default=env_port or DEFAULT_PORT,
+        help="port to listen on, 0 for any free one (default: %d; $SELCHAT_PORT)" % DEFAULT_PORT,
+    )
+    server.add_argument(
+        "--max-message",
+        type=_non_negative,
+        default=DEFAULT_MAX_MESSAGE,
+        metavar="BYTES",
+        help="longest accepted message payload, 0 for no limit but the "
+        "header's (default: %d)" % DEFAULT_MAX_MESSAGE,
+    )
+    server.add_argument(
+        "--max-queue",
+        type=_non_negative,
+        default=0,
+        metavar="BYTES",
+        help="unsent output held for one client before it is disconnected "
+        "(default: %d or twice --max-message, whichever is larger)" % DEFAULT_MAX_QUEUE,
+    )
+    server.add_argument(
+        "--max-clients",
+        type=_non_negative,
+        default=DEFAULT_MAX_CLIENTS,
+        metavar="N",
+        help="connections at once (default: %d)" % DEFAULT_MAX_CLIENTS,
+    )
+    server.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        help="time a new connection has to send its nickname "
+        "(and password) (default: %g)" % DEFAULT_HANDSHAKE_TIMEOUT,
+    )
+    server.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=DEFAULT_RATE,
+        metavar="MSGS_PER_SECOND",
+        help="messages a second one client may send, 0 for no limit; "
+        "more is not relayed, and a client that keeps flooding is "
+        "disconnected (default: %g)" % DEFAULT_RATE,
+    )
+    server.add_argument(
+        "--burst",
+        type=_positive,
+        default=DEFAULT_BURST,
+        metavar="N",
+        help="messages a client may send at once before --rate applies "
+        "(default: %d)" % DEFAULT_BURST,
+    )
+    server.add_argument(
+        "--max-per-address",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="connections from one address, 0 for no limit (default: %d, "
+        "loopback exempt)" % DEFAULT_MAX_PER_ADDRESS,
+    )
+    server.add_argument(
+        "--max-pending",
+        type=_non_negative,
+        default=DEFAULT_MAX_PENDING,
+        metavar="BYTES",
+        help="memory for large messages still arriving, all clients "
+        "together; past it new ones are refused for a while "
+        "(default: %d)" % DEFAULT_MAX_PENDING,
+    )
+    server.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve TLS with this certificate (PEM; may hold the key too)",
+    )
     server.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    server.add_argument("--password", default=os.environ.get("SELCHAT_PASSWORD"),
-                        help="password every client must give ($SELCHAT_PASSWORD; "
-                             "--password-file keeps it out of ps)")
-    server.add_argument("--password-file", metavar="FILE",
-                        help="read the password from the first line of FILE")
-    server.add_argument("--history", type=_non_negative, default=DEFAULT_HISTORY, metavar="N",
-                        help="chat messages replayed to a newcomer, 0 for none "
-                             "(default: %d)" % DEFAULT_HISTORY)
+    server.add_argument(
+        "--password",
+        default=os.environ.get("SELCHAT_PASSWORD"),
+        help="password every client must give ($SELCHAT_PASSWORD; "
+        "--password-file keeps it out of ps)",
+    )
+    server.add_argument(
+        "--password-file", metavar="FILE", help="read the password from the first line of FILE"
+    )
+    server.add_argument(
+        "--history",
+        type=_non_negative,
+        default=DEFAULT_HISTORY,
+        metavar="N",
+        help="chat messages replayed to a newcomer, 0 for none (default: %d)" % DEFAULT_HISTORY,
+    )
 
     client = commands.add_parser(
-        "client", formatter_class=_HelpFormatter, help="join a chat server",
+        "client",
+        formatter_class=_HelpFormatter,
+        help="join a chat server",
         description="Join a chat. Type a line and press Enter to send it; "
-                    "type %s, press Ctrl+D or Ctrl+C to leave.\nA line that starts with / "
-                    "is a command (/help lists them); // sends a single /." % QUIT_COMMAND,
+        "type %s, press Ctrl+D or Ctrl+C to leave.\nA line that starts with / "
+        "is a command (/help lists them); // sends a single /." % QUIT_COMMAND,
         epilog="example:\n  python selchat.py client --host 192.0.2.7 --nick alice\n"
-               "  echo 'build finished' | python selchat.py client --nick ci")
-    client.add_argument("--host", default=env_host or DEFAULT_CLIENT_HOST,
-                        help="server to connect to (default: %s; $SELCHAT_HOST)"
-                             % DEFAULT_CLIENT_HOST)
-    client.add_argument("--port", type=_port, default=env_port or DEFAULT_PORT,
-                        help="server port (default: %d; $SELCHAT_PORT)" % DEFAULT_PORT)
+        "  echo 'build finished' | python selchat.py client --nick ci",
+    )
+    client.add_argument(
+        "--host",
+        default=env_host or DEFAULT_CLIENT_HOST,
+        help="server to connect to (default: %s; $SELCHAT_HOST)" % DEFAULT_CLIENT_HOST,
+    )
+    client.add_argument(
+        "--port",
+        type=_port,
+        default=env_port or DEFAULT_PORT,
+        help="server port (default: %d; $SELCHAT_PORT)" % DEFAULT_PORT,
+    )
     client.add_argument("--nick", help="your nickname (asked for when missing)")
-    client.add_argument("--no-color", action="store_true",
-                        help="no colours (also when NO_COLOR is set or output is not a terminal)")
-    client.add_argument("--tls", action="store_true",
-                        help="connect with TLS, checking the server's certificate and name "
-                             "against the system's trusted authorities")
-    client.add_argument("--cafile", metavar="FILE",
-                        help="trust the certificates in FILE (PEM), for example a "
-                             "self-signed server's; implies --tls")
-    client.add_argument("--password", default=os.environ.get("SELCHAT_PASSWORD"),
-                        help="the server's password ($SELCHAT_PASSWORD; asked for "
-                             "without echo when the server wants one)")
-    client.add_argument("--bell", action="store_true",
-                        help="ring the terminal bell when someone mentions your nickname "
-                             "or sends you a private message")
-    client.add_argument("--no-reconnect", dest="reconnect", action="store_false",
-                        help="exit when the connection is lost instead of reconnecting "
-                             "(pipe mode never reconnects)")
+    client.add_argument(
+        "--no-color",
+        action="store_true",
+        help="no colours (also when NO_COLOR is set or output is not a terminal)",
+    )
+    client.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, checking the server's certificate and name "
+        "against the system's trusted authorities",
+    )
+    client.add_argument(
+        "--cafile",
+        metavar="FILE",
+        help="trust the certificates in FILE (PEM), for example a "
+        "self-signed server's; implies --tls",
+    )
+    client.add_argument(
+        "--password",
+        default=os.environ.get("SELCHAT_PASSWORD"),
+        help="the server's password ($SELCHAT_PASSWORD; asked for "
+        "without echo when the server wants one)",
+    )
+    client.add_argument(
+        "--bell",
+        action="store_true",
+        help="ring the terminal bell when someone mentions your nickname "
+        "or sends you a private message",
+    )
+    client.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection is lost instead of reconnecting "
+        "(pipe mode never reconnects)",
+    )
     return parser
 
 
@@ -2338,12 +2602,21 @@ def run_server(args: argparse.Namespace) -> int:
         log("--tls-key needs --tls-cert")
         return 1
     config = ServerConfig(
-        host=args.host, port=args.port, max_message=args.max_message,
-        max_queue=args.max_queue, max_clients=args.max_clients,
-        handshake_timeout=args.handshake_timeout, rate=args.rate, burst=args.burst,
-        max_per_address=args.max_per_address, max_pending=args.max_pending,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, password=password or None,
-        history=args.history)
+        host=args.host,
+        port=args.port,
+        max_message=args.max_message,
+        max_queue=args.max_queue,
+        max_clients=args.max_clients,
+        handshake_timeout=args.handshake_timeout,
+        rate=args.rate,
+        burst=args.burst,
+        max_per_address=args.max_per_address,
+        max_pending=args.max_pending,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        password=password or None,
+        history=args.history,
+    )
     server = ChatServer(config)
     try:
         server.listen()
@@ -2354,7 +2627,7 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_nick() -> Optional[str]:
+def _ask_nick() -> str | None:
     """Ask for a nickname on the terminal, or read it from the first line of input."""
     interactive = sys.stdin.isatty()
     while True:
@@ -2378,10 +2651,10 @@ def _ask_nick() -> Optional[str]:
 
 def run_client(args: argparse.Namespace) -> int:
     for stream in (sys.stdout, sys.stdin):
-        try:  # never die on a character the terminal's encoding lacks
-            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
-        except (AttributeError, ValueError):
-            pass
+        # Never die on a character the terminal's encoding lacks.
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on a replaced stream
+        if reconfigure is not None:
+            reconfigure(errors="replace")
     nick = args.nick
     if nick is None:
         nick = _ask_nick()
@@ -2394,6 +2667,7 @@ def run_client(args: argparse.Namespace) -> int:
     tls_context = None
     if args.tls or args.cafile:
         import ssl
+
         try:
             tls_context = ssl.create_default_context(cafile=args.cafile)
         except (OSError, ValueError) as exc:
@@ -2402,8 +2676,17 @@ def run_client(args: argparse.Namespace) -> int:
     host = args.host
     if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as in a URL
         host = host[1:-1]
-    client = ChatClient(host, args.port, nick, color, interactive, tls_context,
-                        args.password, args.reconnect, args.bell)
+    client = ChatClient(
+        host,
+        args.port,
+        nick,
+        color,
+        interactive,
+        tls_context,
+        args.password,
+        args.reconnect,
+        args.bell,
+    )
     client.saved_terminal = saved = _save_terminal()
     try:
         return client.run()
@@ -2414,8 +2697,9 @@ def run_client(args: argparse.Namespace) -> int:
 def _save_terminal() -> Any:
     try:
         import termios
+
         return termios.tcgetattr(sys.stdin.fileno())
-    except Exception:  # not a terminal, or not POSIX
+    except Exception:  # noqa: BLE001 - not a terminal, or no termios (Windows)
         return None
 
 
@@ -2424,12 +2708,13 @@ def _restore_terminal(saved: Any) -> None:
         return
     try:
         import termios
+
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a terminal gone away cannot be restored
         pass
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -172,8 +172,19 @@ class User:
 
 def clean_env(**overrides):
     """The environment without anything selchat reads, plus overrides (None removes)."""
-    drop = {"NO_COLOR", "FORCE_COLOR", "TERM", "TZ", "SELCHAT_HOST", "SELCHAT_PORT",
-            "COLUMNS", "LINES", "PYTHONSTARTUP", "PYTHONINSPECT", "INPUTRC"}
+    drop = {
+        "NO_COLOR",
+        "FORCE_COLOR",
+        "TERM",
+        "TZ",
+        "SELCHAT_HOST",
+        "SELCHAT_PORT",
+        "COLUMNS",
+        "LINES",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "INPUTRC",
+    }
     env = {key: value for key, value in os.environ.items() if key not in drop}
     env["LC_ALL"] = "C.UTF-8"
     env["TZ"] = "UTC"
@@ -193,8 +204,11 @@ class ServerProcess:
     def __init__(self, args):
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "server", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=clean_env(), cwd=str(HERE),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            cwd=str(HERE),
         )
         self.lines = []
         self.stderr_closed = False
@@ -277,7 +291,9 @@ def join():
         welcome = peer.recv_service()
         assert welcome.startswith(f"Welcome to selchat, {nick}!"), welcome
         if history:
-            assert re.fullmatch(r"--- \d+ messages? from before you joined ---", peer.recv_service())
+            assert re.fullmatch(
+                r"--- \d+ messages? from before you joined ---", peer.recv_service()
+            )
             while True:
                 payload = peer.recv_frame()
                 if payload == HISTORY_END.encode():
@@ -295,8 +311,11 @@ class PipedClient:
     def __init__(self, args, env):
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "client", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd=str(HERE),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(HERE),
         )
         self.out = bytearray()
         self.err = bytearray()
@@ -368,10 +387,25 @@ def pty_client():
     def spawn(port, nick="alice", *extra, **env_overrides):
         overrides = {"NO_COLOR": "1", "TERM": "xterm"}
         overrides.update(env_overrides)
-        args = [str(SCRIPT), "client", "--host", "127.0.0.1", "--port", str(port),
-                "--nick", nick, *extra]
-        child = pexpect.spawn(sys.executable, args, env=clean_env(**overrides), cwd=str(HERE),
-                              timeout=TIMEOUT, dimensions=(40, 220))
+        args = [
+            str(SCRIPT),
+            "client",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--nick",
+            nick,
+            *extra,
+        ]
+        child = pexpect.spawn(
+            sys.executable,
+            args,
+            env=clean_env(**overrides),
+            cwd=str(HERE),
+            timeout=TIMEOUT,
+            dimensions=(40, 220),
+        )
         child.logfile_read = io.BytesIO()
         children.append(child)
         return child
@@ -511,26 +545,32 @@ def proxy():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, reading", [
-    ("alice", ("chat", "alice", "")),
-    ("* alice", ("action", "alice", "")),
-    ("[private] alice -> bob", ("private", "alice", "bob")),
-    ("*", ("chat", "*", "")),
-    ("* two words", ("chat", "* two words", "")),
-    ("[private] alice bob", ("chat", "[private] alice bob", "")),
-])
+@pytest.mark.parametrize(
+    "field, reading",
+    [
+        ("alice", ("chat", "alice", "")),
+        ("* alice", ("action", "alice", "")),
+        ("[private] alice -> bob", ("private", "alice", "bob")),
+        ("*", ("chat", "*", "")),
+        ("* two words", ("chat", "* two words", "")),
+        ("[private] alice bob", ("chat", "[private] alice bob", "")),
+    ],
+)
 def test_read_nick_field_tells_chat_actions_and_private_messages_apart(field, reading):
     assert selchat.read_nick_field(field) == reading
 
 
-@pytest.mark.parametrize("text, spans", [
-    ("hi alice", [(3, 8)]),
-    ("ALICE: look", [(0, 5)]),
-    ("@alice, alice!", [(1, 6), (8, 13)]),
-    ("malice aforethought", []),
-    ("alice_smith is here", []),
-    ("alice2", []),
-])
+@pytest.mark.parametrize(
+    "text, spans",
+    [
+        ("hi alice", [(3, 8)]),
+        ("ALICE: look", [(0, 5)]),
+        ("@alice, alice!", [(1, 6), (8, 13)]),
+        ("malice aforethought", []),
+        ("alice_smith is here", []),
+        ("alice2", []),
+    ],
+)
 def test_find_mentions_finds_the_nick_as_a_word_in_any_case(text, spans):
     assert selchat.find_mentions(text, "alice") == spans
 
@@ -540,10 +580,18 @@ def test_find_mentions_handles_nicks_with_punctuation():
     assert selchat.find_mentions("ping [x]!", "[x]") == [(5, 8)]
 
 
-@pytest.mark.parametrize("seconds, shown", [
-    (0, "0 s"), (59.9, "59 s"), (60, "1 min"), (3599, "59 min"), (3600, "1 h 0 min"),
-    (3 * 3600 + 5 * 60, "3 h 5 min"), (86400 + 3600, "1 d 1 h"),
-])
+@pytest.mark.parametrize(
+    "seconds, shown",
+    [
+        (0, "0 s"),
+        (59.9, "59 s"),
+        (60, "1 min"),
+        (3599, "59 min"),
+        (3600, "1 h 0 min"),
+        (3 * 3600 + 5 * 60, "3 h 5 min"),
+        (86400 + 3600, "1 d 1 h"),
+    ],
+)
 def test_duration_is_short_and_rounded_down(seconds, shown):
     assert selchat.duration(seconds) == shown
 
@@ -567,8 +615,9 @@ def test_who_lists_everyone_online_with_how_long_ago_they_joined(server, join):
     assert alice.recv_service() == "Bob joined the chat (2 online)"
     alice.send_frame("/who")
     text = alice.recv_service()
-    assert re.fullmatch(r"2 users online: alice \(joined \d+ s ago\), Bob \(joined \d+ s ago\)",
-                        text), text
+    assert re.fullmatch(
+        r"2 users online: alice \(joined \d+ s ago\), Bob \(joined \d+ s ago\)", text
+    ), text
 
 
 def test_msg_reaches_only_its_receiver_and_comes_back_to_the_sender_marked_private(server, join):
@@ -651,15 +700,20 @@ def test_old_nick_is_free_after_a_rename_and_the_new_one_is_taken(server, join):
         late.close()
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("/nick BOB", 'Nickname not changed: "BOB" is already in use'),
-    ("/nick " + "x" * 33, "Nickname not changed: must be 1 to 32 characters"),
-    ("/nick bad\u200bnick", "Nickname not changed: must not contain whitespace, control or "
-                            "format characters"),
-    ("/nick two words", "Nickname not changed: type /nick NEW"),
-    ("/nick", "Nickname not changed: type /nick NEW"),
-    ("/nick alice", "Nickname not changed: you are alice already"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("/nick BOB", 'Nickname not changed: "BOB" is already in use'),
+        ("/nick " + "x" * 33, "Nickname not changed: must be 1 to 32 characters"),
+        (
+            "/nick bad\u200bnick",
+            "Nickname not changed: must not contain whitespace, control or format characters",
+        ),
+        ("/nick two words", "Nickname not changed: type /nick NEW"),
+        ("/nick", "Nickname not changed: type /nick NEW"),
+        ("/nick alice", "Nickname not changed: you are alice already"),
+    ],
+)
 def test_nick_applies_the_login_checks(server, join, line, reason):
     alice = join(server.port, "alice")
     bob = join(server.port, "bob")
@@ -736,7 +790,8 @@ def read_history(peer):
 
 
 def test_late_joiner_gets_the_last_messages_after_the_welcome_with_their_original_times(
-        server, join):
+    server, join
+):
     alice = join(server.port, "alice")
     bob = join(server.port, "bob")
     alice.recv_service()
@@ -786,7 +841,8 @@ def test_history_default_is_the_last_fifty_messages(server, join):
     carol = join(server.port, "carol")
     count, payloads = read_history(carol.peer)
     assert count == 50 and [p.decode().split("\0")[2] for p in payloads] == [
-        "m%d" % n for n in range(5, 55)]
+        "m%d" % n for n in range(5, 55)
+    ]
 
 
 def test_history_zero_replays_nothing(start_server, join):
@@ -834,8 +890,10 @@ def test_history_records_each_frame_of_a_run_received_in_one_read(server, join):
     alice = join(server.port, "alice")
     bob = join(server.port, "bob")
     alice.recv_service()
-    payloads = [chat_payload(text, "alice") for text in
-                ("short", "x" * 1000, "\0", "é" * 300, "/not a command", "last")]
+    payloads = [
+        chat_payload(text, "alice")
+        for text in ("short", "x" * 1000, "\0", "é" * 300, "/not a command", "last")
+    ]
     frames = [frame(payload) for payload in payloads]
     frames[2] = b"%010d" % len(payloads[2]) + payloads[2]  # zero-padded: relayed as it came
     restamped = b"\0nobody\0ends the run"
@@ -848,7 +906,7 @@ def test_history_records_each_frame_of_a_run_received_in_one_read(server, join):
     try:
         carol.send_frame("carol")
         carol.recv_service()
-        assert read_history(carol) == (8, payloads + [b"\0alice\0ends the run", payloads[0]])
+        assert read_history(carol) == (8, [*payloads, b"\x00alice\x00ends the run", payloads[0]])
     finally:
         carol.close()
 
@@ -868,8 +926,10 @@ def test_history_holds_a_large_message_and_a_restamped_one(server, join):
         carol.recv_service()
         count, replayed = read_history(carol)
         assert count == 2
-        assert replayed == [chat_payload(big, "alice", "2026-01-01T00:00:00+00:00"),
-                            chat_payload("forged", "alice", "2026-01-01T00:00:01+00:00")]
+        assert replayed == [
+            chat_payload(big, "alice", "2026-01-01T00:00:00+00:00"),
+            chat_payload("forged", "alice", "2026-01-01T00:00:01+00:00"),
+        ]
     finally:
         carol.close()
 
@@ -929,9 +989,13 @@ def test_seed_protocol_client_gets_only_frames_it_understands(server, join):
             else:
                 seen.append(parts[0])
         assert seen == [
-            history_begin(1), ("alice", "before the old client came"), HISTORY_END,
-            ("* alice", "waves"), ("[private] alice -> oldtimer", "psst"),
-            "alice is now known as alicia", ("alicia", "done"),
+            history_begin(1),
+            ("alice", "before the old client came"),
+            HISTORY_END,
+            ("* alice", "waves"),
+            ("[private] alice -> oldtimer", "psst"),
+            "alice is now known as alicia",
+            ("alicia", "done"),
         ]
     finally:
         old.close()
@@ -994,14 +1058,17 @@ def test_client_colours_the_private_mark_and_both_nicks(server, join, pty_client
     joined(child)
     bob.recv_service()
     bob.send_frame("/msg alice psst")
-    bob_, alice_ = (("\x1b[%sm%s\x1b[0m" % (selchat.nick_color(name), name)).encode()
-                    for name in ("bob", "alice"))
+    bob_, alice_ = (
+        ("\x1b[%sm%s\x1b[0m" % (selchat.nick_color(name), name)).encode()
+        for name in ("bob", "alice")
+    )
     child.expect_exact(b"\x1b[1;35m[private]\x1b[0m " + bob_ + b" -> " + alice_ + b": psst")
 
 
 @needs_pty
 def test_client_highlights_mentions_of_its_nick_and_rings_the_bell_with_bell(
-        server, join, pty_client):
+    server, join, pty_client
+):
     bob = join(server.port, "bob")
     child = pty_client(server.port, "alice", "--bell", NO_COLOR=None, FORCE_COLOR="1")
     joined(child)
@@ -1115,14 +1182,18 @@ def start_on(start_server, port, *args):
 
 @needs_pty
 def test_client_reconnects_after_the_server_restarts_and_joins_under_the_same_nick(
-        start_server, join, pty_client):
+    start_server, join, pty_client
+):
     port = free_port()
     first = start_on(start_server, port)
     child = pty_client(port, "alice")
     joined(child)
     first.proc.kill()
-    child.expect(rb"Connection to 127\.0\.0\.1:%d lost: [^.]+\. Reconnecting in \d+\.\d s; "
-                 rb"type <quit< to leave\." % port, timeout=5)
+    child.expect(
+        rb"Connection to 127\.0\.0\.1:%d lost: [^.]+\. Reconnecting in \d+\.\d s; "
+        rb"type <quit< to leave\." % port,
+        timeout=5,
+    )
     child.sendline(b"typed while away")
     child.expect_exact(b"Not sent: not connected. Type <quit< to leave.")
     second = start_on(start_server, port)
@@ -1138,7 +1209,8 @@ def test_client_reconnects_after_the_server_restarts_and_joins_under_the_same_ni
 
 @needs_pty
 def test_client_keeps_trying_with_longer_waits_while_the_server_is_away(
-        start_server, pty_client, proxy):
+    start_server, pty_client, proxy
+):
     server = start_server()
     relay = proxy(server.port)
     child = pty_client(relay.port, "alice")
@@ -1148,8 +1220,11 @@ def test_client_keeps_trying_with_longer_waits_while_the_server_is_away(
     child.expect(rb"lost: .*Reconnecting in (\d+\.\d) s", timeout=5)
     waits = [float(child.match.group(1))]
     for _ in range(2):
-        child.expect(rb"Cannot reconnect to 127\.0\.0\.1:\d+: connection refused\. "
-                     rb"Reconnecting in (\d+\.\d) s", timeout=5)
+        child.expect(
+            rb"Cannot reconnect to 127\.0\.0\.1:\d+: connection refused\. "
+            rb"Reconnecting in (\d+\.\d) s",
+            timeout=5,
+        )
         waits.append(float(child.match.group(1)))
     assert 0.3 <= waits[0] <= 0.7 and 0.7 <= waits[1] <= 1.3 and 1.5 <= waits[2] <= 2.5, waits
     child.sendline(b"<quit<")
@@ -1158,8 +1233,9 @@ def test_client_keeps_trying_with_longer_waits_while_the_server_is_away(
 
 
 @needs_pty
-def test_client_after_reconnect_shows_only_the_history_it_missed(start_server, join, pty_client,
-                                                                 proxy):
+def test_client_after_reconnect_shows_only_the_history_it_missed(
+    start_server, join, pty_client, proxy
+):
     server = start_server()
     relay = proxy(server.port)
     bob = join(server.port, "bob")
@@ -1196,8 +1272,10 @@ def test_client_keeps_trying_while_its_nick_is_still_taken(start_server, join, p
     squatter = join(server.port, "alice")
     relay.gate.set()
     child.expect_exact(b'Nickname rejected: "alice" is already in use')
-    child.expect(rb"Cannot rejoin 127\.0\.0\.1:\d+: the server closed the connection\. "
-                 rb"Reconnecting in")
+    child.expect(
+        rb"Cannot rejoin 127\.0\.0\.1:\d+: the server closed the connection\. "
+        rb"Reconnecting in"
+    )
     squatter.close()
     child.expect_exact(b"Welcome to selchat, alice!")
     assert child.isalive()
@@ -1259,8 +1337,9 @@ def test_clients_turned_away_at_once_exit_one_without_a_traceback(server, join, 
         assert client.wait_exit() == 1
         assert b'Nickname rejected: "ALICE" is already in use' in client.out
         assert b"Traceback" not in client.err, bytes(client.err)
-        assert client.err.startswith(b"selchat: connection to 127.0.0.1:%d refused by the "
-                                     b"server: " % server.port), bytes(client.err)
+        assert client.err.startswith(
+            b"selchat: connection to 127.0.0.1:%d refused by the server: " % server.port
+        ), bytes(client.err)
 
 
 def test_pipe_mode_never_reconnects(server, piped_client):
@@ -1333,6 +1412,7 @@ def test_client_names_an_ipv6_server_in_brackets_when_it_cannot_connect(piped_cl
 def _can_build_wheels():
     try:
         import setuptools.command.bdist_wheel  # noqa: F401  (setuptools 70.1 and later)
+
         return True
     except ImportError:
         return False
@@ -1345,10 +1425,26 @@ def test_pip_install_gives_a_selchat_command_with_a_tz_extra(tmp_path):
     for name in ("selchat.py", "pyproject.toml", "README.md"):
         shutil.copy(HERE / name, source / name)
     target = tmp_path / "installed"
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input",
-                    "-q", "install", "--no-build-isolation", "--no-index", "--no-deps",
-                    "--target", str(target), str(source)],
-                   check=True, timeout=120, cwd=str(tmp_path))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-q",
+            "install",
+            "--no-build-isolation",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     (info,) = target.glob("selchat-*.dist-info")
     metadata = (info / "METADATA").read_text()
     assert "Version: %s" % selchat.__version__ in metadata
@@ -1358,17 +1454,28 @@ def test_pip_install_gives_a_selchat_command_with_a_tz_extra(tmp_path):
     assert (target / "selchat.py").read_bytes() == SCRIPT.read_bytes()
     env = clean_env(PYTHONPATH=str(target))
     command = target / "bin" / "selchat"
-    out = subprocess.run([str(command), "--version"], stdout=subprocess.PIPE, env=env,
-                         cwd=str(tmp_path), timeout=30)
+    out = subprocess.run(
+        [str(command), "--version"], stdout=subprocess.PIPE, env=env, cwd=str(tmp_path), timeout=30
+    )
     assert (out.returncode, out.stdout) == (0, b"selchat %s\n" % selchat.__version__.encode())
-    out = subprocess.run([str(command), "client", "-h"], stdout=subprocess.PIPE, env=env,
-                         cwd=str(tmp_path), timeout=30)
+    out = subprocess.run(
+        [str(command), "client", "-h"],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout.startswith(b"usage: selchat client"), out.stdout
 
 
 def test_the_copied_file_alone_runs_as_before(tmp_path):
     shutil.copy(SCRIPT, tmp_path / "selchat.py")
-    out = subprocess.run([sys.executable, "-S", "selchat.py", "server", "-h"],
-                         stdout=subprocess.PIPE, cwd=str(tmp_path), env=clean_env(), timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-S", "selchat.py", "server", "-h"],
+        stdout=subprocess.PIPE,
+        cwd=str(tmp_path),
+        env=clean_env(),
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout.startswith(b"usage: selchat.py server")
     assert b"--history N" in out.stdout

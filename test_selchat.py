@@ -30,7 +30,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "selchat.py"
@@ -169,7 +170,9 @@ class Peer:
         frames = []
         while True:
             try:
-                frames.append(self.recv_frame(deadline - time.monotonic()).decode("utf-8", "replace"))
+                frames.append(
+                    self.recv_frame(deadline - time.monotonic()).decode("utf-8", "replace")
+                )
             except PeerClosed:
                 return frames
 
@@ -279,7 +282,8 @@ class ServerProcess:
                 checked = len(self.lines)
                 if self.stderr_closed:
                     raise AssertionError(
-                        f"server stderr closed without a line matching {regex.pattern!r}:\n{self.log}"
+                        f"server stderr closed without a line matching {regex.pattern!r}:\n"
+                        f"{self.log}"
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -398,7 +402,9 @@ class PipedClient:
             while needle not in self.out:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"{needle!r} not in client output in time: {bytes(self.out)!r}")
+                    raise AssertionError(
+                        f"{needle!r} not in client output in time: {bytes(self.out)!r}"
+                    )
                 self.changed.wait(remaining)
 
     def wait_exit(self, timeout=TIMEOUT):
@@ -500,7 +506,7 @@ def test_module_constants_match_the_contract():
 def test_encode_frame_writes_left_aligned_space_padded_length():
     assert selchat.encode_frame(b"hello") == b"5         hello"
     assert selchat.encode_frame(b"") == b"0         "
-    payload = "привет".encode("utf-8")
+    payload = "привет".encode()
     assert selchat.encode_frame(payload) == b"12        " + payload
 
 
@@ -527,8 +533,8 @@ def test_parse_header_accepts_left_right_aligned_and_zero_padded_lengths(header,
         b"+5        ",  # sign
         b"1_0       ",  # underscore, which int() accepts
         b"1 0       ",  # inner space
-        "٥".encode("utf-8").ljust(10),  # ARABIC-INDIC DIGIT FIVE, which int() accepts
-        "５".encode("utf-8").ljust(10),  # FULLWIDTH DIGIT FIVE, which int() accepts
+        "٥".encode().ljust(10),  # ARABIC-INDIC DIGIT FIVE, which int() accepts
+        "５".encode().ljust(10),  # FULLWIDTH DIGIT FIVE, which int() accepts
         b"          ",  # all blank
         b"abc       ",
         b"0x10      ",
@@ -560,7 +566,7 @@ def test_frame_decoder_gets_the_same_payloads_back_wherever_the_stream_is_cut(pa
     decoder = selchat.FrameDecoder()
     received = []
     start = 0
-    for cut in cuts + [len(stream)]:
+    for cut in [*cuts, len(stream)]:
         received.extend(decoder.feed(stream[start:cut]))
         start = cut
     assert [bytes(payload) for payload in received] == payloads
@@ -601,13 +607,16 @@ PLUS3 = timezone(timedelta(hours=3))
 
 def test_pack_message_writes_time_nick_and_text_separated_by_nul():
     when = datetime(2026, 11, 27, 7, 37, 12, tzinfo=PLUS3)
-    assert selchat.pack_message("hi there", "alice", when) == b"2026-11-27T07:37:12+03:00\0alice\0hi there"
+    assert (
+        selchat.pack_message("hi there", "alice", when)
+        == b"2026-11-27T07:37:12+03:00\0alice\0hi there"
+    )
 
 
 def test_pack_message_encodes_utf8():
     when = datetime(2026, 11, 27, 7, 37, 12, tzinfo=PLUS3)
     payload = selchat.pack_message("привет 🎉", "жора", when)
-    assert payload == "2026-11-27T07:37:12+03:00\0жора\0привет 🎉".encode("utf-8")
+    assert payload == "2026-11-27T07:37:12+03:00\0жора\0привет 🎉".encode()
 
 
 def test_pack_message_without_time_stamps_now_with_an_offset():
@@ -624,7 +633,7 @@ def test_pack_message_without_time_stamps_now_with_an_offset():
 def test_unpack_message_splits_a_chat_message_on_the_first_two_nuls_only():
     assert selchat.unpack_message(b"T\0nick\0a\0b\0c") == ("T", "nick", "a\0b\0c")
     assert selchat.unpack_message(b"T\0nick\0") == ("T", "nick", "")
-    assert selchat.unpack_message("2026-11-27T07:37:12+03:00\0жора\0да".encode("utf-8")) == (
+    assert selchat.unpack_message("2026-11-27T07:37:12+03:00\0жора\0да".encode()) == (
         "2026-11-27T07:37:12+03:00",
         "жора",
         "да",
@@ -632,7 +641,11 @@ def test_unpack_message_splits_a_chat_message_on_the_first_two_nuls_only():
 
 
 def test_unpack_message_returns_a_service_message_as_text_alone():
-    assert selchat.unpack_message(b"bob joined the chat (2 online)") == (None, None, "bob joined the chat (2 online)")
+    assert selchat.unpack_message(b"bob joined the chat (2 online)") == (
+        None,
+        None,
+        "bob joined the chat (2 online)",
+    )
     assert selchat.unpack_message(b"") == (None, None, "")
 
 
@@ -678,7 +691,9 @@ def run_python(code, tz, **env):
     return result.stdout.strip()
 
 
-@pytest.mark.parametrize("tz, offset", [("Asia/Kolkata", "+05:30"), ("America/Sao_Paulo", "-03:00"), ("UTC", "+00:00")])
+@pytest.mark.parametrize(
+    "tz, offset", [("Asia/Kolkata", "+05:30"), ("America/Sao_Paulo", "-03:00"), ("UTC", "+00:00")]
+)
 def test_now_stamp_follows_the_tz_environment_variable(tz, offset):
     stamp = run_python("import selchat; print(selchat.now_stamp())", tz)
     assert STAMP_FORMAT.fullmatch(stamp), stamp
@@ -721,7 +736,10 @@ def test_format_time_shows_the_date_when_the_readers_date_is_not_today():
     # Written on the 27th at +03:00, it is still the 26th in New York.
     new_york = ZoneInfo("America/New_York")
     now = datetime(2026, 11, 27, 10, 0, tzinfo=new_york)
-    assert selchat.format_time("2026-11-27T03:00:00+03:00", now=now, tz=new_york) == "2026-11-26 19:00:00"
+    assert (
+        selchat.format_time("2026-11-27T03:00:00+03:00", now=now, tz=new_york)
+        == "2026-11-26 19:00:00"
+    )
 
 
 @needs_zoneinfo
@@ -738,14 +756,20 @@ def test_format_time_compares_dates_in_the_readers_zone_not_in_nows_zone():
     new_york = ZoneInfo("America/New_York")
     now = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
     assert selchat.format_time("2026-11-27T20:00:00-05:00", now=now, tz=new_york) == "20:00:00"
-    assert selchat.format_time("2026-11-26T20:00:00-05:00", now=now, tz=new_york) == "2026-11-26 20:00:00"
+    assert (
+        selchat.format_time("2026-11-26T20:00:00-05:00", now=now, tz=new_york)
+        == "2026-11-26 20:00:00"
+    )
 
 
 @needs_zoneinfo
 def test_format_time_shows_the_date_across_a_year_boundary():
     sao_paulo = ZoneInfo("America/Sao_Paulo")
     now = datetime(2027, 1, 1, 9, 0, tzinfo=sao_paulo)
-    assert selchat.format_time("2027-01-01T01:30:00+03:00", now=now, tz=sao_paulo) == "2026-12-31 19:30:00"
+    assert (
+        selchat.format_time("2027-01-01T01:30:00+03:00", now=now, tz=sao_paulo)
+        == "2026-12-31 19:30:00"
+    )
 
 
 def test_format_time_without_now_treats_a_fresh_stamp_as_today():
@@ -755,7 +779,11 @@ def test_format_time_without_now_treats_a_fresh_stamp_as_today():
 
 @pytest.mark.parametrize(
     "tz, expected",
-    [("America/Sao_Paulo", "2020-02-29 15:00:00"), ("Asia/Tokyo", "2020-03-01 03:00:00"), ("UTC", "2020-02-29 18:00:00")],
+    [
+        ("America/Sao_Paulo", "2020-02-29 15:00:00"),
+        ("Asia/Tokyo", "2020-03-01 03:00:00"),
+        ("UTC", "2020-02-29 18:00:00"),
+    ],
 )
 def test_format_time_default_zone_follows_the_tz_environment_variable(tz, expected):
     code = "import selchat; print(selchat.format_time('2020-02-29T23:30:00+05:30'))"
@@ -764,7 +792,14 @@ def test_format_time_default_zone_follows_the_tz_environment_variable(tz, expect
 
 @pytest.mark.parametrize(
     "stamp",
-    ["yesterday", "", "2026-13-45T99:99:99+03:00", "\x1b[2J12:00", "12:00:00\u202e", "2026-11-27T07:37:12+99:00"],
+    [
+        "yesterday",
+        "",
+        "2026-13-45T99:99:99+03:00",
+        "\x1b[2J12:00",
+        "12:00:00\u202e",
+        "2026-11-27T07:37:12+99:00",
+    ],
 )
 def test_format_time_shows_an_unreadable_time_as_received_but_sanitised(stamp):
     now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -831,7 +866,9 @@ def test_sanitize_never_lets_a_dangerous_character_through(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_characters=DANGEROUS, blacklist_categories=("Cs",))))
+@given(
+    st.text(alphabet=st.characters(blacklist_characters=DANGEROUS, blacklist_categories=("Cs",)))
+)
 def test_sanitize_is_the_identity_on_safe_text(text):
     assert selchat.sanitize(text) == text
 
@@ -877,7 +914,9 @@ def test_nick_color_gives_different_nicks_different_colours():
     assert len(colours) >= 3
 
 
-@pytest.mark.parametrize("nick", ["alice", "Bob_42", "a", "é" * 32, "x" * 32, "日本語", "Жора", "o'neil", "🎉"])
+@pytest.mark.parametrize(
+    "nick", ["alice", "Bob_42", "a", "é" * 32, "x" * 32, "日本語", "Жора", "o'neil", "🎉"]
+)
 def test_check_nick_accepts_valid_nicknames(nick):
     assert selchat.check_nick(nick) is None
 
@@ -915,7 +954,11 @@ def test_check_nick_gives_a_reason_for_invalid_nicknames(nick):
 
 def test_server_version_flag_prints_name_and_version():
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--version"], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env()
+        [sys.executable, str(SCRIPT), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=clean_env(),
     )
     assert result.returncode == 0
     assert re.fullmatch(r"selchat \d+\.\d+\.\d+", result.stdout.strip()), result.stdout
@@ -924,13 +967,27 @@ def test_server_version_flag_prints_name_and_version():
 @pytest.mark.parametrize(
     "level, options",
     [
-        ("server", ["--host", "--port", "--max-message", "--max-queue", "--max-clients", "--handshake-timeout"]),
+        (
+            "server",
+            [
+                "--host",
+                "--port",
+                "--max-message",
+                "--max-queue",
+                "--max-clients",
+                "--handshake-timeout",
+            ],
+        ),
         ("client", ["--host", "--port", "--nick", "--no-color"]),
     ],
 )
 def test_help_of_each_subcommand_lists_its_options(level, options):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), level, "-h"], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env()
+        [sys.executable, str(SCRIPT), level, "-h"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=clean_env(),
     )
     assert result.returncode == 0
     for option in options:
@@ -1057,7 +1114,9 @@ def test_many_frames_in_one_send_are_all_relayed_in_order(start_server, connect)
     bob = connect(server.port, "bob", online=2)
     alice.recv_service()
     count = 200
-    bob.send_raw(b"".join(frame(chat_payload(f"message {i}", nick="bob", stamp="T")) for i in range(count)))
+    bob.send_raw(
+        b"".join(frame(chat_payload(f"message {i}", nick="bob", stamp="T")) for i in range(count))
+    )
     received = [alice.recv_chat() for _ in range(count)]
     assert received == [("T", "bob", f"message {i}") for i in range(count)]
 
@@ -1090,7 +1149,9 @@ def test_message_of_exactly_max_message_bytes_is_accepted(start_server, connect)
     assert alice.recv_chat() == ("T", "bob", "x" * 94)
 
 
-def test_oversized_frame_gets_a_notice_and_is_closed_and_others_only_see_a_leave(start_server, connect):
+def test_oversized_frame_gets_a_notice_and_is_closed_and_others_only_see_a_leave(
+    start_server, connect
+):
     server = start_server("--max-message", "100")
     alice = connect(server.port, "alice", online=1)
     mallory = connect(server.port, "mallory", online=2)
@@ -1106,7 +1167,9 @@ def test_oversized_frame_gets_a_notice_and_is_closed_and_others_only_see_a_leave
     assert alice.recv_chat() == ("T", "bob", "still here")
 
 
-def test_oversized_frame_with_its_payload_is_refused_and_nothing_of_it_relayed(start_server, connect):
+def test_oversized_frame_with_its_payload_is_refused_and_nothing_of_it_relayed(
+    start_server, connect
+):
     server = start_server("--max-message", "1000")
     alice = connect(server.port, "alice", online=1)
     mallory = connect(server.port, "mallory", online=2)
@@ -1125,14 +1188,25 @@ def test_oversized_frame_with_its_payload_is_refused_and_nothing_of_it_relayed(s
         b"+5        ",
         b"1_0       ",
         b"1 0       ",
-        "٥".encode("utf-8").ljust(10),
-        "５".encode("utf-8").ljust(10),
+        "٥".encode().ljust(10),
+        "５".encode().ljust(10),
         b"          ",
         b"hello worl",
     ],
-    ids=["minus", "plus", "underscore", "inner-space", "arabic-indic-5", "fullwidth-5", "all-blank", "text"],
+    ids=[
+        "minus",
+        "plus",
+        "underscore",
+        "inner-space",
+        "arabic-indic-5",
+        "fullwidth-5",
+        "all-blank",
+        "text",
+    ],
 )
-def test_malformed_header_is_closed_with_protocol_error_and_others_carry_on(server, connect, header):
+def test_malformed_header_is_closed_with_protocol_error_and_others_carry_on(
+    server, connect, header
+):
     alice = connect(server.port, "alice", online=1)
     mallory = connect(server.port, "mallory", online=2)
     assert alice.recv_service() == "mallory joined the chat (2 online)"
@@ -1227,7 +1301,7 @@ def test_reader_that_stops_reading_is_cut_off_and_the_others_get_everything(star
             while True:
                 payload = bob.recv_frame(timeout=30)
                 if b"\0" in payload:
-                    stamp, nick, text = payload.decode("utf-8").split("\0", 2)
+                    _stamp, _nick, text = payload.decode("utf-8").split("\0", 2)
                     if text == "done":
                         done.set()
                         return
@@ -1273,7 +1347,9 @@ def test_reader_that_stops_reading_is_cut_off_and_the_others_get_everything(star
     # slow can still read what it was sent, whole frames, then the notice,
     # and then its connection is closed by the server
     frames = slow.recv_until_closed(timeout=TIMEOUT)
-    assert not slow.buffer, f"the stream ended inside a frame; its last bytes: {bytes(slow.buffer[-120:])!r}"
+    assert not slow.buffer, (
+        f"the stream ended inside a frame; its last bytes: {bytes(slow.buffer[-120:])!r}"
+    )
     assert frames and frames[-1].startswith("Disconnected: "), [text[:40] for text in frames[-2:]]
     assert all("\0" in text for text in frames[:-1])
 
@@ -1298,7 +1374,9 @@ def test_bad_nickname_is_rejected_with_a_reason_and_closed(server, connect, nick
     mallory.send_frame(nick)
     frames = mallory.recv_until_closed()
     assert len(frames) == 1, frames
-    assert frames[0].startswith("Nickname rejected: ") and len(frames[0]) > len("Nickname rejected: ")
+    assert frames[0].startswith("Nickname rejected: ") and len(frames[0]) > len(
+        "Nickname rejected: "
+    )
     if reason_part:
         assert reason_part in frames[0]
     # no join or leave notice for a rejected nickname
@@ -1310,7 +1388,9 @@ def test_nickname_of_32_non_ascii_characters_is_accepted(server, connect):
     connect(server.port, "é" * 32, online=1)
 
 
-@pytest.mark.parametrize("taken, attempt", [("alice", "alice"), ("alice", "ALICE"), ("straße", "STRASSE")])
+@pytest.mark.parametrize(
+    "taken, attempt", [("alice", "alice"), ("alice", "ALICE"), ("straße", "STRASSE")]
+)
 def test_nickname_in_use_is_rejected_whatever_its_case(server, connect, taken, attempt):
     first = connect(server.port, taken, online=1)
     mallory = connect(server.port)
@@ -1331,7 +1411,7 @@ def test_nickname_is_free_again_after_its_user_left(server, connect):
     connect(server.port, "Alice", online=2)
 
 
-@pytest.mark.parametrize("payload", [b"", b"hello without time and nick", "   ".encode()])
+@pytest.mark.parametrize("payload", [b"", b"hello without time and nick", b"   "])
 def test_empty_or_non_command_payload_gets_not_sent_and_stays_connected(server, connect, payload):
     alice = connect(server.port, "alice", online=1)
     bob = connect(server.port, "bob", online=2)
@@ -1347,7 +1427,9 @@ def test_messages_over_the_rate_limit_are_not_relayed_and_the_sender_is_told(sta
     alice = connect(server.port, "alice", online=1)
     bob = connect(server.port, "bob", online=2)
     assert alice.recv_service() == "bob joined the chat (2 online)"
-    bob.send_raw(b"".join(frame(chat_payload(f"burst {i}", nick="bob", stamp="T")) for i in range(10)))
+    bob.send_raw(
+        b"".join(frame(chat_payload(f"burst {i}", nick="bob", stamp="T")) for i in range(10))
+    )
     for i in range(3):
         assert alice.recv_chat() == ("T", "bob", f"burst {i}")
     notice = bob.recv_service()
@@ -1418,7 +1500,7 @@ def test_shutdown_notifies_every_one_of_many_clients_and_exits_zero(server, conn
 def test_shutdown_gives_up_on_a_stalled_reader_after_about_two_seconds(start_server, connect):
     server = start_server("--max-queue", str(64 * 1024 * 1024), *NO_RATE_LIMIT)
     alice = connect(server.port, "alice", online=1)
-    stalled = connect(server.port, "stalled", online=2, rcvbuf=4096)
+    connect(server.port, "stalled", online=2, rcvbuf=4096)
     bob = connect(server.port, "bob", online=3)
     alice.recv_service()
     alice.recv_service()
@@ -1454,7 +1536,9 @@ def test_port_flag_wins_over_selchat_port(start_server, connect):
 
 
 def test_selchat_host_environment_variable_sets_the_default_host(start_server, connect):
-    server = start_server(env=clean_env(SELCHAT_HOST="127.0.0.1", SELCHAT_PORT="0"), default_address=False)
+    server = start_server(
+        env=clean_env(SELCHAT_HOST="127.0.0.1", SELCHAT_PORT="0"), default_address=False
+    )
     assert re.search(r"listening on 127\.0\.0\.1:%d\b" % server.port, server.log)
     connect(server.port, "alice", online=1)
 
@@ -1497,11 +1581,17 @@ def test_client_shows_a_message_with_the_time_in_its_own_zone(server, connect, p
     bob.send_chat("namaste", nick="bob", stamp=written.isoformat())
     local = written.astimezone(ZoneInfo(tz))
     today = datetime.now(ZoneInfo(tz)).date()
-    shown = local.strftime("%H:%M:%S") if local.date() == today else local.strftime("%Y-%m-%d %H:%M:%S")
+    shown = (
+        local.strftime("%H:%M:%S") if local.date() == today else local.strftime("%Y-%m-%d %H:%M:%S")
+    )
     child.expect_exact(f"[{shown}] bob: namaste".encode())
     # an old message shows its date, converted too
     bob.send_chat("old news", nick="bob", stamp="2020-02-29T23:30:00+05:30")
-    old = datetime(2020, 2, 29, 18, 0, tzinfo=UTC).astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S")
+    old = (
+        datetime(2020, 2, 29, 18, 0, tzinfo=UTC)
+        .astimezone(ZoneInfo(tz))
+        .strftime("%Y-%m-%d %H:%M:%S")
+    )
     child.expect_exact(f"[{old}] bob: old news".encode())
 
 
@@ -1531,12 +1621,23 @@ def test_client_shows_hostile_text_inert(server, connect, pty_client):
     bob.send_chat("end of hostile", nick="bob", stamp=datetime.now(UTC).isoformat())
     child.expect_exact(b"end of hostile")
     shown = pty_output(child)[start:]
-    for raw in [b"\x1b[2J", b"\x1b]52", b"\x07", "\u202e".encode(), "\u009b".encode(), b"\x9b", b"\x7f",
-                "\u2028".encode(), b"\x1b[1;1H", "\u0085".encode()]:
+    for raw in [
+        b"\x1b[2J",
+        b"\x1b]52",
+        b"\x07",
+        "\u202e".encode(),
+        "\u009b".encode(),
+        b"\x9b",
+        b"\x7f",
+        "\u2028".encode(),
+        b"\x1b[1;1H",
+        "\u0085".encode(),
+    ]:
         assert raw not in shown, f"{raw!r} reached the terminal: {shown!r}"
     lowered = re.sub(rb"\\(x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4})", lambda m: m.group(0).lower(), shown)
     expected_text = (
-        rb"A\x1b[2JB\x1b]52;c;cHduZWQ=\x07C\u202eD\x9b31mE\x7fF\u2028G\x1b[1;1HH\x0dI\x0aJ\x08K\x85L"
+        rb"A\x1b[2JB\x1b]52;c;cHduZWQ=\x07C\u202eD\x9b31mE\x7fF\u2028G"
+        rb"\x1b[1;1HH\x0dI\x0aJ\x08K\x85L"
     )
     assert rb"[\x1b[2J\x9b1mnot a time] bob: " + expected_text in lowered, shown
 
@@ -1550,7 +1651,9 @@ def test_client_keeps_a_half_typed_line_when_a_message_arrives(server, connect, 
     child.expect_exact(b"> ")
     child.send(b"hel")
     child.expect_exact(b"hel")
-    bob.send_chat("interrupting you", nick="bob", stamp=datetime.now(UTC).replace(microsecond=0).isoformat())
+    bob.send_chat(
+        "interrupting you", nick="bob", stamp=datetime.now(UTC).replace(microsecond=0).isoformat()
+    )
     child.expect_exact(b"bob: interrupting you")
     child.expect_exact(b"> hel")  # the prompt and the typed text drawn again
     child.send(b"lo\r")
@@ -1658,7 +1761,9 @@ def colour_session(server, connect, pty_client, *extra, **env):
     child = pty_client(server.port, "alice", *extra, **env)
     child.expect_exact(b"Type <quit< to leave.")
     assert bob.recv_service() == "alice joined the chat (2 online)"
-    bob.send_chat("colour check", nick="bob", stamp=datetime.now(UTC).replace(microsecond=0).isoformat())
+    bob.send_chat(
+        "colour check", nick="bob", stamp=datetime.now(UTC).replace(microsecond=0).isoformat()
+    )
     child.expect_exact(b"colour check")
     child.sendline(b"<quit<")
     assert wait_pty_exit(child) == 0
@@ -1666,13 +1771,17 @@ def colour_session(server, connect, pty_client, *extra, **env):
 
 
 @needs_pty
-def test_client_colours_service_messages_bold_red_and_nicks_on_a_terminal(server, connect, pty_client):
+def test_client_colours_service_messages_bold_red_and_nicks_on_a_terminal(
+    server, connect, pty_client
+):
     output = colour_session(server, connect, pty_client, NO_COLOR=None)
     assert b"\x1b[1;31m" + welcome_text("alice", 2).encode() + b"\x1b[0m" in output
     code = selchat.nick_color("bob").encode()
     match = re.search(rb"\x1b\[" + re.escape(code) + rb"mbob(.*?)colour check", output)
     assert match, output
-    assert re.search(rb"\x1b\[(0|39)?m", match.group(1)), "the text must keep the terminal's colours"
+    assert re.search(rb"\x1b\[(0|39)?m", match.group(1)), (
+        "the text must keep the terminal's colours"
+    )
 
 
 @needs_pty
@@ -1683,7 +1792,9 @@ def test_client_empty_no_color_does_not_turn_colours_off(server, connect, pty_cl
 
 @needs_pty
 def test_client_force_color_turns_colours_on_even_on_a_dumb_terminal(server, connect, pty_client):
-    output = colour_session(server, connect, pty_client, NO_COLOR=None, TERM="dumb", FORCE_COLOR="1")
+    output = colour_session(
+        server, connect, pty_client, NO_COLOR=None, TERM="dumb", FORCE_COLOR="1"
+    )
     assert b"\x1b[1;31m" + welcome_text("alice", 2).encode() + b"\x1b[0m" in output
     assert b"\x1b[" + selchat.nick_color("bob").encode() + b"mbob" in output
 
@@ -1697,7 +1808,12 @@ def test_client_force_color_turns_colours_on_even_on_a_dumb_terminal(server, con
         ((), {"NO_COLOR": None, "TERM": "dumb"}),
         ((), {"NO_COLOR": None, "TERM": "dumb", "FORCE_COLOR": "0"}),
     ],
-    ids=["NO_COLOR-beats-FORCE_COLOR", "no-color-flag-beats-FORCE_COLOR", "TERM-dumb", "FORCE_COLOR-0-forces-nothing"],
+    ids=[
+        "NO_COLOR-beats-FORCE_COLOR",
+        "no-color-flag-beats-FORCE_COLOR",
+        "TERM-dumb",
+        "FORCE_COLOR-0-forces-nothing",
+    ],
 )
 def test_client_writes_no_colour_codes_when_colour_is_off(server, connect, pty_client, extra, env):
     output = colour_session(server, connect, pty_client, *extra, **env)
@@ -1710,7 +1826,9 @@ def test_client_writes_no_colour_codes_when_colour_is_off(server, connect, pty_c
 # ---------------------------------------------------------------------------
 
 
-def test_pipe_mode_sends_every_non_blank_line_in_order_and_exits_zero_at_eof(start_server, connect, piped_client):
+def test_pipe_mode_sends_every_non_blank_line_in_order_and_exits_zero_at_eof(
+    start_server, connect, piped_client
+):
     server = start_server(*NO_RATE_LIMIT)
     bob = connect(server.port, "bob", online=1)
     client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice")
@@ -1813,7 +1931,9 @@ def test_client_port_flag_wins_over_selchat_port(server, connect, piped_client):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         env = clean_env(SELCHAT_PORT=str(unused.getsockname()[1]))
-        client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice", env=env)
+        client = piped_client(
+            "--host", "127.0.0.1", "--port", server.port, "--nick", "alice", env=env
+        )
         client.write("via flag\n")
         client.close_stdin()
         assert client.wait_exit() == 0

@@ -4,6 +4,7 @@ Copies the file into an empty folder, starts a server from it with `python -S`,
 has a pipe-mode client send two lines to a second pipe-mode client, stops the
 server with SIGINT and checks every exit status. Usage: python -S smoke.py selchat.py
 """
+
 import os
 import re
 import shutil
@@ -22,10 +23,14 @@ def main() -> int:
         script = os.path.join(folder, "selchat.py")
         shutil.copy(source, script)
         run = [sys.executable, "-S", script]
-        out = subprocess.run(run + ["--version"], stdout=subprocess.PIPE, timeout=30)
+        out = subprocess.run([*run, "--version"], stdout=subprocess.PIPE, timeout=30)
         assert out.returncode == 0 and out.stdout.startswith(b"selchat "), out
-        server = subprocess.Popen(run + ["server", "--host", "127.0.0.1", "--port", "0"],
-                                  stderr=subprocess.PIPE, universal_newlines=True, cwd=folder)
+        server = subprocess.Popen(
+            [*run, "server", "--host", "127.0.0.1", "--port", "0"],
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            cwd=folder,
+        )
         try:
             port = None
             deadline = time.monotonic() + 20
@@ -40,15 +45,23 @@ def main() -> int:
             threading.Thread(target=server.stderr.read, daemon=True).start()
             env = dict(os.environ, TZ="UTC")
             # The reader sends nothing until it has seen the writer's messages.
-            reader = subprocess.Popen(run + ["client", "--port", port, "--nick", "reader"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env, universal_newlines=True)
+            reader = subprocess.Popen(
+                [*run, "client", "--port", port, "--nick", "reader"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                universal_newlines=True,
+            )
             assert reader.stdout is not None and reader.stdin is not None
             assert "Welcome" in reader.stdout.readline()
-            writer = subprocess.run(run + ["client", "--port", port, "--nick", "writer"],
-                                    input="hello from %s\n\nsecond line\n" % version,
-                                    stdout=subprocess.PIPE, universal_newlines=True,
-                                    env=env, timeout=30)
+            writer = subprocess.run(
+                [*run, "client", "--port", port, "--nick", "writer"],
+                input="hello from %s\n\nsecond line\n" % version,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+                timeout=30,
+            )
             assert writer.returncode == 0, writer
             seen = []
             while len(seen) < 2:
