@@ -32,12 +32,21 @@ the history) and an action ``time "\\0" "* alice" "\\0" "waves"`` (to everyone).
 A client that knows only the seed's protocol shows both readably as they are.
 Their time is the server's clock, in UTC: the one thing the server writes.
 
+A server started with ``--password`` answers the nickname with the service
+message ``Password required``, and the client's next frame is the password.
+With ``--tls-cert`` the same frames travel inside TLS. Every limit (message
+size, queued output per client, clients at once, per address, time to send the
+nickname, messages per second) is an option with a default and a notice.
+
 What selchat does not do
 ------------------------
-It does not encrypt or authenticate: anyone who can reach the port can join
-under any free nickname and read the room. There are no accounts and no private
-rooms, and the history lives in the server's memory only: a restart forgets it.
-Run it on networks you trust, or behind an ssh tunnel.
+Without ``--tls-cert`` it does not encrypt, and without ``--password`` it does
+not authenticate: anyone who can reach the port can join under any free
+nickname and read the room. Even with both there are no accounts (one shared
+password, nicknames first come, first served) and no private rooms, and the
+history lives in the server's memory only: a restart forgets it. It is one
+room per server, and one thread: it scales to thousands of users, not to more
+than one core.
 
 Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
 reader's time zone; without them the standard library's idea of local time is
