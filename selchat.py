@@ -956,11 +956,12 @@ class ChatServer:
             )
             return -1
         if conn.nick is None and length > MAX_HANDSHAKE_FRAME:
-            self._reject(
-                conn,
-                "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
-                "handshake frame of %d bytes" % length,
+            notice = (
+                "Protocol error: a password is at most %d bytes" % MAX_HANDSHAKE_FRAME
+                if conn.asked_nick is not None
+                else "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH
             )
+            self._reject(conn, notice, "handshake frame of %d bytes" % length)
             return -1
         if length > self.max_message:
             self._reject(
@@ -1178,6 +1179,7 @@ class ChatServer:
             )
         elif now - conn.warned_at >= 1.0:
             conn.warned_at = now
+            log("%s: over --rate, told to slow down" % conn.name)
             self._tell(
                 conn,
                 "Slow down: at most %g messages a second, bursts of %d; "
@@ -1498,7 +1500,9 @@ class ChatServer:
             if self.listener is not None:
                 self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         for conn in [c for c in self._waiting if now >= c.deadline]:
-            if conn.closing:
+            if conn.closing or conn.tls in (TLS_PEEK, TLS_HANDSHAKE):  # nothing to say to it
+                if not conn.closing:
+                    log("%s disconnected: handshake timeout" % conn.address)
                 self._destroy(conn)
             else:
                 self._waiting.discard(conn)
@@ -1523,8 +1527,11 @@ class ChatServer:
 
     def _drop_slow_reader(self, conn: Connection) -> None:
         # What is queued goes, but a frame already half sent is finished first,
-        # or the notice would land in the middle of it.
-        head = conn.out[0] if conn.partial else None
+        # or the notice would land in the middle of it; and a TLS write that
+        # must be repeated is repeated as it was, whole.
+        head = conn.tls_chunk if conn.tls_chunk is not None else None
+        if head is None and conn.partial:
+            head = conn.out[0]
         conn.out.clear()
         conn.out_size = 0
         if head is not None:
