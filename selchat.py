@@ -75,7 +75,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 __version__ = "1.0.0"
 
@@ -1354,7 +1354,7 @@ class ChatServer:
         self,
         buffers: Sequence[Buffer],
         sender: Connection | None = None,
-        skip: Iterable[Connection] = (),
+        skip: set[Connection] | None = None,
     ) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
         if self._joined:  # whoever joined this turn is announced before they speak
@@ -1362,10 +1362,9 @@ class ChatServer:
         size = sum(len(b) for b in buffers)
         dirty = self._dirty
         limit = self.max_queue
-        skipped = set(skip)
         single = buffers[0] if len(buffers) == 1 else None
         for conn in self.users.values():
-            if conn is sender or conn in skipped:
+            if conn is sender or (skip is not None and conn in skip):
                 continue
             out = conn.out
             if not out and not conn.dirty:
@@ -1474,25 +1473,12 @@ class ChatServer:
         left, self._left = self._left, []
         online = len(self.users)
         if joined:
-            self._broadcast(
-                (
-                    encode_frame(
-                        (
-                            "%s joined the chat (%d online)"
-                            % (_names([c.nick or "" for c in joined]), online)
-                        ).encode("utf-8")
-                    ),
-                ),
-                skip=joined,
-            )
+            names = _names([c.nick or "" for c in joined])
+            notice = "%s joined the chat (%d online)" % (names, online)
+            self._broadcast((encode_frame(notice.encode("utf-8")),), skip=set(joined))
         if left:
-            self._broadcast(
-                (
-                    encode_frame(
-                        ("%s left the chat (%d online)" % (_names(left), online)).encode("utf-8")
-                    ),
-                )
-            )
+            notice = "%s left the chat (%d online)" % (_names(left), online)
+            self._broadcast((encode_frame(notice.encode("utf-8")),))
 
     def _housekeeping(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
