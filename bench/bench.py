@@ -1,0 +1,2025 @@
+#!/usr/bin/env python3
+"""Benchmark for selchat's server: a load generator and scenario runner.
+
+Starts each server itself on 127.0.0.1 (a free port), drives it with client
+processes that speak the wire protocol, stops it with SIGINT and checks that it
+exited with status 0. Standard library only; matplotlib, when installed, is
+used for the optional chart.
+
+Servers (``--servers``):
+  selchat   ../selchat.py server (the thing being measured)
+  asyncio   bench/ref_server.py: the idiomatic asyncio-streams server a Python
+            programmer would write instead (same protocol and texts)
+  ncat      ``ncat --chat`` (nmap's ncat, C, line protocol), when installed;
+            only the scenarios a line protocol can do (fan-out, latency)
+
+Scenarios (``--scenarios``):
+  fanout    4 senders -> 100 receivers and 2 senders -> 1000 receivers,
+            pipelined 100-byte texts for --duration seconds. Deliveries/s and
+            per receiver lost / duplicated / reordered / misattributed counts.
+            Senders keep at most --inflight deliveries in flight beyond what
+            the slowest receiver has got, so the relay runs at its sustainable rate
+            instead of piling up queues until something gets disconnected.
+  latency   one sender paced at 500 and at 2000 messages/s to 100 receivers,
+            p50/p99/max from send to arrival; each again with one more client
+            that registers and then never reads. Undelivered messages count as
+            infinitely late.
+  capacity  10,000 clients each register a nickname: time until all got their
+            welcome, server memory per connected client, and whether join and
+            leave notices still reach everyone.
+  big       one 50 MB message to 10 receivers: time until all have it, and the
+            server's peak memory (VmHWM) above its idle VmRSS.
+
+By default the server is pinned to CPU 1 and the whole load generator to CPU 0
+(``--no-pin`` to let the kernel place them). The table shows the CPU each used
+during the measurement: a server near 100 % is the bottleneck; a generator near
+100 % with the server well below means the figure is the generator's limit (a
+lower bound for the server). Loopback TCP work done in softirq is charged to
+whichever process was running, mostly the sender of the data. "Other processes"
+should be near 0: anything else running on the machine distorts the figures.
+Every wait is bounded in time; nothing leaves 127.0.0.1.
+
+BENCH_PROFILE=DIR runs every load generator process under cProfile and saves
+the statistics in DIR (to check that the generator is not the bottleneck).
+
+    python bench/bench.py                       # everything, ~4-6 minutes on 2 cores
+    python bench/bench.py --quick               # smoke run, ~35 seconds
+    python bench/bench.py --servers selchat,asyncio --scenarios fanout
+    python bench/bench.py --chart bench.png --json results.json
+"""
+
+import argparse
+import array
+import errno
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import select
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HOST = "127.0.0.1"
+STAMP = b"2026-01-01T00:00:00+00:00"
+TEXT_SIZE = 100  # bytes of chat text per benchmark message
+RECV_SIZE = 256 * 1024
+# Connections waiting for their welcome, all processes together: two thirds of
+# the server's listen backlog (asyncio's default is 100, ncat's 10, selchat's
+# larger), at most 1024, so no SYN is dropped and no client waits a second for
+# a retransmission, while a server with a deep backlog is not throttled.
+MAX_HANDSHAKES = 1024
+SETUP_TIMEOUT = 90.0  # receivers registering
+QUIET_TIME = 0.3  # no bytes for this long = join notices are through
+QUIET_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 5.0  # after the senders stop, while deliveries still progress
+STOP_TIMEOUT = 15.0  # SIGINT to exit
+BIG_TIMEOUT = 120.0
+
+# What a relayed benchmark message looks like. Sender i registers as "S<i>" and
+# sends texts "S<i>-<seq:09d>|...", so a receiver can check the stamped nick,
+# the sender and the order. Latency texts add "T<monotonic_ns:020d>|".
+TEXT_RE = re.compile(rb"S(\d+)-(\d{9})\|(?:T(\d{20})\|)?")
+NCAT_PREFIX_RE = re.compile(rb"<user\d+> ")
+RUN_RE = re.compile(rb"(.)\1*", re.S)
+GOODBYE = b"Server is shutting down"
+JOINED = b"joined the chat"
+LEFT = b"left the chat"
+
+
+def _cycle(step, length=12000):
+    unit = b"".join(bytes([48 + d]) * step for d in range(10))
+    return (unit * (length // len(unit) + 2))[: length + len(unit)]
+
+
+CYCLES = (_cycle(1), _cycle(10))  # what units and tens digit columns of consecutive numbers read
+MAX_FAST_RUN = 10000
+
+
+def encode_frame(payload):
+    return b"%-10d" % len(payload) + payload
+
+
+def chat_text(sender, seq, stamp_ns=None):
+    head = b"S%d-%09d|" % (sender, seq)
+    if stamp_ns is not None:
+        head += b"T%020d|" % stamp_ns
+    return head + b"x" * (TEXT_SIZE - len(head))
+
+
+def wire_message(mode, sender, text):
+    """What a sender writes for one chat message."""
+    if mode == "line":
+        return text + b"\n"
+    return encode_frame(STAMP + b"\0S%d\0" % sender + text)
+
+
+class Layout:
+    """Fixed byte offsets of one relayed fan-out message, for the fast checker.
+
+    In steady state every relayed message has the same length, so the receive
+    buffer is a run of equal records: columns (every L-th byte) are sliced out
+    in C and compared as a whole instead of parsing record by record.
+    """
+
+    def __init__(self, mode, timed=False):
+        sample = chat_text(7, 0, 0 if timed else None)
+        if mode == "line":
+            record = sample + b"\n"
+            self.sid_off, self.sid2_off, base = 1, None, 0
+        else:
+            record = encode_frame(STAMP + b"\0S7\0" + sample)
+            base = record.index(b"\0S7\0") + 4
+            self.sid_off, self.sid2_off = base - 2, base + 1  # stamped nick, text
+        self.length = len(record)
+        self.seq_off = base + 3
+        # Enough fixed bytes to prove the buffer is tiled by such records:
+        # header digits and padding, the NULs around the nick, the text's "|".
+        fixed = [0, 2, 3, 9, base - 4, base - 1] if mode == "frame" else [self.length - 1, 0]
+        fixed += [base + 12]
+        self.ts_off = None
+        if timed:  # "T" + 20 digits of time.monotonic_ns() + "|"
+            self.ts_off = base + 14
+            fixed += [base + 13, base + 34]
+        self.checks = [(off, record[off : off + 1]) for off in fixed]
+
+
+# --------------------------------------------------------------------------
+# One client connection on the receiving side
+# --------------------------------------------------------------------------
+
+
+class Conn:
+    __slots__ = (
+        "bad",
+        "big_done_ns",
+        "big_head",
+        "big_left",
+        "big_size",
+        "big_start",
+        "big_tail",
+        "delivered",
+        "dup",
+        "eof",
+        "exp",
+        "goodbye",
+        "join_notes",
+        "joined",
+        "joined_ns",
+        "last_chat_ns",
+        "left_notes",
+        "lost_far",
+        "missing",
+        "nick",
+        "rejected",
+        "reord",
+        "services",
+        "sock",
+        "tail",
+        "welcome_text",
+    )
+
+    def __init__(self, sock, nick, nsenders):
+        self.sock = sock
+        self.nick = nick
+        self.tail = b""
+        self.joined = False
+        self.joined_ns = 0
+        self.rejected = None
+        self.eof = False
+        self.exp = [0] * nsenders
+        self.missing = [set() for _ in range(nsenders)]
+        self.lost_far = self.dup = self.reord = self.bad = self.delivered = 0
+        self.services = 0
+        self.last_chat_ns = 0
+        self.goodbye = False
+        self.join_notes = self.left_notes = 0
+        self.big_left = None
+        self.big_head = self.big_start = self.big_tail = b""
+        self.big_size = 0
+        self.big_done_ns = 0
+        self.welcome_text = b""
+
+    def account(self, s, seq):
+        expected = self.exp[s]
+        if seq == expected:
+            self.exp[s] = seq + 1
+            self.delivered += 1
+        elif seq > expected:
+            if seq - expected <= 1_000_000:
+                self.missing[s].update(range(expected, seq))
+            else:
+                self.lost_far += seq - expected
+            self.exp[s] = seq + 1
+            self.delivered += 1
+        elif seq in self.missing[s]:
+            self.missing[s].discard(seq)
+            self.reord += 1
+            self.delivered += 1
+        else:
+            self.dup += 1
+
+
+class Worker:
+    """A process holding many client connections, driven over a pipe.
+
+    kind: "fanout" (count and check order), "latency" (collect send-to-arrival
+    times), "capacity" (register, then count notices), "big" (one huge frame).
+    """
+
+    def __init__(self, pipe, spec):
+        self.pipe = pipe
+        self.mode = spec["mode"]
+        self.kind = spec["kind"]
+        self.port = spec["port"]
+        self.ns = spec.get("nsenders", 1)
+        self.widx = spec.get("widx", 0)
+        self.progress = spec.get("progress")
+        self.pending = list(spec["nicks"])
+        self.layout = (
+            Layout(self.mode, self.kind == "latency")
+            if self.kind in ("fanout", "latency")
+            else None
+        )
+        self.sel = selectors.DefaultSelector()
+        self.conns = []
+        self.handshaking = 0
+        self.failed = 0
+        self.fail_reason = ""
+        self.last_rx_ns = 0
+        self.rx_bytes = 0
+        self.latencies = array.array("q")
+        self.running = True
+        self.bigbuf = None
+        self.rbuf = bytearray(2 * RECV_SIZE)
+        self.max_handshakes = spec["handshakes"]
+        self.n_joined = self.n_rejected = self.n_eof = self.n_big_done = 0
+        self.last_join_ns = 0
+        self.reject_text = b""
+        self.stats = {"recvs": 0, "fast_chunks": 0, "runs": 0, "fast_msgs": 0, "slow_msgs": 0}
+
+    # -- main loop ---------------------------------------------------------
+    def run(self):
+        self.sel.register(self.pipe.fileno(), selectors.EVENT_READ, None)
+        next_publish = 0.0
+        while self.running:
+            self.connect_more()
+            for key, mask in self.sel.select(0.005):
+                if not self.running:
+                    break  # "quit" closed every socket
+                if key.data is None:
+                    self.command(self.pipe.recv())
+                elif conn_closed(key.data):
+                    continue  # dropped earlier in this same batch
+                elif mask & selectors.EVENT_WRITE:
+                    self.connected(key.data)
+                else:
+                    self.readable(key.data)
+            if self.progress is not None:
+                now = time.monotonic()
+                if now >= next_publish:
+                    next_publish = now + 0.003
+                    self.publish()
+
+    def publish(self):
+        live = [c for c in self.conns if c.joined and not c.eof]
+        base = self.widx * self.ns
+        for s in range(self.ns):
+            self.progress[base + s] = min((c.exp[s] for c in live), default=1 << 62)
+
+    def connect_more(self):
+        while self.pending and self.handshaking < self.max_handshakes:
+            nick = self.pending.pop(0)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            err = sock.connect_ex((HOST, self.port))
+            if err not in (0, errno.EINPROGRESS):
+                self.failed += 1
+                self.fail_reason = os.strerror(err)
+                sock.close()
+                continue
+            conn = Conn(sock, nick, self.ns)
+            self.conns.append(conn)
+            self.handshaking += 1
+            self.sel.register(sock, selectors.EVENT_WRITE, conn)
+
+    def connected(self, conn):
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failed += 1
+            self.fail_reason = os.strerror(err)
+            self.drop(conn)
+            return
+        if self.mode == "frame":
+            conn.sock.send(encode_frame(conn.nick.encode()))
+        self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def drop(self, conn):
+        if not conn.eof:
+            if conn.joined:
+                self.n_eof += 1
+            else:
+                self.handshaking -= 1
+        conn.eof = True
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def readable(self, conn):
+        if conn.big_left is not None:
+            return self.read_big(conn)
+        # Received into one reused buffer, after the unfinished tail of the
+        # last read: no fresh 256 KB object (and its page faults) per recv().
+        buf, kept = self.rbuf, len(conn.tail)
+        if kept > RECV_SIZE:
+            buf = bytearray(kept + RECV_SIZE)
+        if kept:
+            buf[:kept] = conn.tail
+        try:
+            n = conn.sock.recv_into(memoryview(buf)[kept : kept + RECV_SIZE])
+        except (ConnectionError, OSError):
+            n = 0
+        now = time.monotonic_ns()
+        if not n:
+            self.drop(conn)
+            return
+        self.last_rx_ns = now
+        self.rx_bytes += n
+        self.stats["recvs"] += 1
+        end = kept + n
+        if conn.joined and self.layout is not None and self.mode == "frame":
+            m = self.fast(conn, buf, now, end)
+            if m is not None:
+                conn.tail = bytes(buf[m:end])
+                return
+        data = bytes(buf[:end])
+        if not conn.joined:
+            data = self.handshake(conn, data, now)
+            if not conn.joined:
+                conn.tail = data
+                return
+        if self.kind == "capacity":
+            self.count_notices(conn, data)
+        elif self.mode == "frame":
+            conn.tail = self.walk_frames(conn, data, now)
+        else:
+            cut = data.rfind(b"\n") + 1
+            conn.tail = data[cut:]
+            body = NCAT_PREFIX_RE.sub(b"", data[:cut])
+            if self.layout is None or self.fast(conn, body, now, len(body)) != len(body):
+                self.walk_lines(conn, body, now)
+
+    def handshake(self, conn, data, now):
+        """Wait for the first frame (welcome) or, for ncat, the first announce."""
+        if self.mode == "line":
+            if b"<announce>" not in data:
+                return data
+            ready = True
+        else:
+            if len(data) < 10:
+                return data
+            try:
+                length = int(data[:10])
+            except ValueError:
+                length = -1
+            if length < 0:
+                conn.rejected = data[:60]
+                self.n_rejected += 1
+                self.reject_text = self.reject_text or conn.rejected
+                self.drop(conn)
+                return b""
+            if len(data) < 10 + length:
+                return data
+            first = data[10 : 10 + length]
+            ready = first.startswith(b"Welcome")
+            if not ready:
+                conn.rejected = first[:100]
+            conn.welcome_text = first[:100]
+            data = data[10 + length :]
+        self.handshaking -= 1
+        if ready:
+            conn.joined = True
+            conn.joined_ns = self.last_join_ns = now
+            self.n_joined += 1
+        else:
+            self.n_rejected += 1
+            self.reject_text = self.reject_text or conn.rejected
+            conn.eof = True
+            self.sel.unregister(conn.sock)
+            conn.sock.close()
+        if self.mode == "line":
+            return b""  # ncat announces are not counted
+        return data
+
+    # -- parsing -------------------------------------------------------------
+    def walk_frames(self, conn, data, now):
+        pos, end = 0, len(data)
+        while end - pos >= 10:
+            try:
+                length = int(data[pos : pos + 10])
+            except ValueError:
+                conn.bad += 1
+                return b""
+            stop = pos + 10 + length
+            if stop > end:
+                break
+            payload = data[pos + 10 : stop]
+            pos = stop
+            if b"\0" not in payload:
+                self.service(conn, payload)
+                continue
+            _, nick, text = payload.split(b"\0", 2)
+            self.chat(conn, nick, text, now)
+        return data[pos:]
+
+    def walk_lines(self, conn, body, now):
+        for line in body.split(b"\n")[:-1]:
+            if line.startswith(b"<announce>"):
+                self.service(conn, line)
+            else:
+                self.chat(conn, None, line, now)
+
+    def service(self, conn, payload):
+        conn.services += 1
+        if payload.startswith(GOODBYE):
+            conn.goodbye = True
+            self.drop(conn)  # as selchat's client does: it leaves by itself
+
+    def chat(self, conn, nick, text, now):
+        m = TEXT_RE.match(text)
+        if m is None or (nick is not None and nick != b"S" + m.group(1)):
+            conn.bad += 1
+            return
+        s = int(m.group(1))
+        if s >= self.ns:
+            conn.bad += 1
+            return
+        conn.last_chat_ns = now
+        self.stats["slow_msgs"] += 1
+        if m.group(3) is not None:
+            self.latencies.append(now - int(m.group(3)))
+        conn.account(s, int(m.group(2)))
+
+    def fast(self, conn, data, now, end):
+        """Check a whole buffer of equal-length relayed messages at C speed.
+
+        Returns how many bytes it consumed, or None when data[:end] is not a run of
+        benchmark messages (a notice in between, a misaligned frame): the caller
+        then walks it message by message. Within a run of messages from one
+        sender the first and last sequence numbers, the count and the units and
+        tens digit columns must all fit consecutive numbers; anything else is
+        re-checked one message at a time.
+        """
+        lay = self.layout
+        size = lay.length
+        k = end // size
+        if k == 0:
+            return 0
+        m = k * size
+        for off, ch in lay.checks:
+            if data[off:m:size] != ch * k:
+                return None
+        sid = data[lay.sid_off : m : size]
+        if lay.sid2_off is not None and data[lay.sid2_off : m : size] != sid:
+            return None
+        seq_off = lay.seq_off
+        stats = self.stats
+        stats["fast_chunks"] += 1
+        stats["fast_msgs"] += k
+        for run in RUN_RE.finditer(sid):
+            stats["runs"] += 1
+            i, j = run.span()
+            count = j - i
+            s = sid[i] - 48
+            a = i * size + seq_off
+            b = (j - 1) * size + seq_off
+            if 0 <= s < self.ns and count <= MAX_FAST_RUN:
+                first = int(data[a : a + 9])
+                if (
+                    first == conn.exp[s]
+                    and int(data[b : b + 9]) == first + count - 1
+                    and (
+                        count < 3
+                        or (
+                            data[a + 8 : b + 9 : size] == CYCLES[0][first % 10 : first % 10 + count]
+                            and data[a + 7 : b + 8 : size]
+                            == CYCLES[1][first % 100 : first % 100 + count]
+                        )
+                    )
+                ):
+                    conn.exp[s] = first + count
+                    conn.delivered += count
+                    continue
+            if not 0 <= s < self.ns:
+                conn.bad += count
+                continue
+            for f in range(i, j):
+                o = f * size + seq_off
+                conn.account(s, int(data[o : o + 9]))
+        conn.last_chat_ns = now
+        if lay.ts_off is not None:
+            self.latencies.extend([now - int(data[o : o + 20]) for o in range(lay.ts_off, m, size)])
+        return m
+
+    def count_notices(self, conn, data):
+        # Counted in the raw bytes: a notice split across two reads is missed,
+        # which can only undercount.
+        conn.join_notes += data.count(JOINED)
+        conn.left_notes += data.count(LEFT)
+        if GOODBYE in data:
+            conn.goodbye = True
+            self.drop(conn)
+        conn.tail = b""
+
+    def read_big(self, conn):
+        """Stream frames through one reused buffer; only their ends are looked at."""
+        try:
+            n = conn.sock.recv_into(self.bigbuf)
+        except (ConnectionError, OSError):
+            n = 0
+        now = time.monotonic_ns()
+        if n == 0:
+            self.drop(conn)
+            return
+        self.last_rx_ns = now
+        self.rx_bytes += n
+        view = memoryview(self.bigbuf)[:n]
+        while view:
+            if conn.big_left == 0:  # a header, perhaps split across reads
+                need = 10 - len(conn.big_head)
+                conn.big_head += bytes(view[:need])
+                view = view[need:]
+                if len(conn.big_head) < 10:
+                    return
+                conn.big_left = conn.big_size = int(conn.big_head)
+                conn.big_head = conn.big_start = conn.big_tail = b""
+                continue
+            take = min(conn.big_left, len(view))
+            chunk = view[:take]
+            if len(conn.big_start) < 64:
+                conn.big_start += bytes(chunk[: 64 - len(conn.big_start)])
+            conn.big_tail = (conn.big_tail + bytes(chunk[-4:]))[-4:]
+            conn.big_left -= take
+            view = view[take:]
+            if conn.big_left:
+                continue
+            if conn.big_start.startswith(GOODBYE):
+                self.drop(conn)
+                return
+            if conn.big_size > 1000:
+                if conn.big_tail == b"|END" and b"BIG|" in conn.big_start:
+                    conn.big_done_ns = now
+                    conn.delivered += 1
+                    self.n_big_done += 1
+                else:
+                    conn.bad += 1
+
+    # -- commands from the scenario runner ------------------------------------
+    def command(self, msg):
+        op = msg[0]
+        if op == "status":  # cheap: asked many times a second
+            self.pipe.send(
+                {
+                    "joined": self.n_joined,
+                    "pending": len(self.pending) + self.handshaking,
+                    "failed": self.failed,
+                    "fail_reason": self.fail_reason,
+                    "rejected": self.n_rejected,
+                    "reject_text": self.reject_text,
+                    "eof": self.n_eof,
+                    "last_rx_ns": self.last_rx_ns,
+                    "last_join_ns": self.last_join_ns,
+                    "rx_bytes": self.rx_bytes,
+                    "big_done": self.n_big_done,
+                    "received": len(self.latencies),
+                }
+            )
+        elif op == "notes":
+            joined = [c for c in self.conns if c.joined]
+            self.pipe.send(
+                {
+                    "with_join_note": sum(1 for c in joined if c.join_notes),
+                    "join_notes": sum(c.join_notes for c in joined),
+                    "with_left_note": sum(1 for c in joined if not c.eof and c.left_notes),
+                    "live": sum(1 for c in joined if not c.eof),
+                    "delivered": sum(c.delivered for c in joined),
+                    "goodbye": sum(1 for c in joined if c.goodbye),
+                }
+            )
+        elif op == "leave":
+            live = [c for c in self.conns if c.joined and not c.eof]
+            for c in live[len(live) - msg[1] :]:
+                self.drop(c)
+            for c in self.conns:
+                c.left_notes = 0
+            self.pipe.send("ok")
+        elif op == "big":
+            self.bigbuf = bytearray(4 << 20)
+            for c in self.conns:
+                if c.joined and not c.eof:
+                    c.big_left = 0
+            self.pipe.send("ok")
+        elif op == "results":
+            joined = [c for c in self.conns if c.joined]
+            self.pipe.send(
+                {
+                    "receivers": len(joined),
+                    "eof": sum(1 for c in joined if c.eof),
+                    "exp": [[c.exp[s] for s in range(self.ns)] for c in joined],
+                    "missing": sum(len(ms) for c in joined for ms in c.missing)
+                    + sum(c.lost_far for c in joined),
+                    "dup": sum(c.dup for c in joined),
+                    "reord": sum(c.reord for c in joined),
+                    "bad": sum(c.bad for c in joined),
+                    "delivered": sum(c.delivered for c in joined),
+                    "last_chat_ns": max((c.last_chat_ns for c in joined), default=0),
+                    "latencies": self.latencies.tobytes(),
+                    "big_done": [c.big_done_ns for c in joined],
+                    "stats": self.stats,
+                }
+            )
+        elif op == "quit":
+            for c in self.conns:
+                if not c.eof:
+                    if msg[1]:  # reset instead of FIN: leaves no TIME_WAIT behind
+                        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    c.sock.close()
+            self.pipe.send("bye")
+            self.running = False
+
+
+def conn_closed(conn):
+    return conn.eof or conn.sock.fileno() < 0
+
+
+def worker_main(pipe, spec):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    profiled(Worker(pipe, spec).run, "worker-%s-%d" % (spec["kind"], spec.get("widx", 0)))
+
+
+def profiled(fn, name):
+    """Run fn; with BENCH_PROFILE=DIR set, under cProfile, stats saved in DIR."""
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        return fn()
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        prof.dump_stats(os.path.join(where, "%s-%d.prof" % (name, os.getpid())))
+
+
+# --------------------------------------------------------------------------
+# Senders
+# --------------------------------------------------------------------------
+
+
+def register(port, mode, nick, timeout=60.0, rcvbuf=0):
+    """Connect, send the nickname, read the welcome; returns a blocking socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:  # before connecting, so the advertised window is small too
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect((HOST, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    deadline = time.monotonic() + timeout
+    data = b""
+    if mode == "frame":
+        sock.sendall(encode_frame(nick))
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed during registration")
+        data += chunk
+        if mode == "line" and b"<announce>" in data:
+            break
+        if mode == "frame" and len(data) >= 10 and len(data) >= 10 + int(data[:10]):
+            if not data[10:].startswith(b"Welcome"):
+                raise ConnectionError(data[10:100].decode("utf-8", "replace"))
+            break
+    return sock
+
+
+def sender_main(pipe, spec):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    profiled(lambda: sender_run(pipe, spec), "sender-%s-%d" % (spec["kind"], spec["sender"]))
+
+
+def sender_run(pipe, spec):
+    """One sender: windowed pipelined (fanout), paced (latency) or one big message."""
+    mode, s, kind = spec["mode"], spec["sender"], spec["kind"]
+    try:
+        sock = register(spec["port"], mode, b"S%d" % s)
+    except (OSError, ValueError) as exc:
+        pipe.send(("error", str(exc)))
+        return
+    big = None
+    if kind == "big":
+        text = b"BIG|" + b"x" * (spec["size"] - 8) + b"|END"
+        big = wire_message(mode, s, text)
+    sock.setblocking(False)
+    pipe.send(("ready",))
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "sock")
+    sel.register(pipe.fileno(), selectors.EVENT_READ, "pipe")
+    go = None
+    while go is None:  # keep reading notices until told to go
+        for key, _ in sel.select(0.05):
+            if key.data == "pipe":
+                go = pipe.recv()
+            else:
+                discard(sock)
+    if go[0] == "quit":
+        return
+    _, t_start, t_end = go
+    while time.monotonic() < t_start:
+        time.sleep(min(0.01, max(0.0, t_start - time.monotonic())))
+    if kind == "fanout":
+        sent = send_windowed(sock, sel, spec, t_end)
+    elif kind == "latency":
+        sent = send_paced(sock, sel, spec, t_start, t_end)
+    else:
+        t0 = time.monotonic_ns()
+        sock.setblocking(True)
+        sock.sendall(big)
+        sock.setblocking(False)
+        sent = t0
+    pipe.send(("done", sent))
+    while True:  # go on reading until the runner says quit
+        for key, _ in sel.select(0.05):
+            if key.data == "pipe":
+                pipe.recv()
+                sock.close()
+                return
+            if not discard(sock):
+                sel.unregister(sock)
+                sock.close()
+
+
+def discard(sock):
+    """Read and drop what is there; False once the server closed or said goodbye."""
+    try:
+        while True:
+            data = sock.recv(1 << 20)
+            if not data or GOODBYE in data:
+                return False
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+
+
+def send_windowed(sock, sel, spec, t_end):
+    mode, s = spec["mode"], spec["sender"]
+    progress, nworkers, ns = spec["progress"], spec["nworkers"], spec["nsenders"]
+    window, batch = spec["window"], spec["batch"]
+    sample = wire_message(mode, s, chat_text(s, 0))
+    size = len(sample)
+    pre, post = sample.split(b"000000000", 1)
+    seq = 0
+    written = 0
+    out = memoryview(b"")
+    hard_end = t_end + DRAIN_TIMEOUT
+    while True:
+        now = time.monotonic()
+        if now >= hard_end or (now >= t_end and not out):
+            break
+        if not out and now < t_end:
+            low = min(progress[w * ns + s] for w in range(nworkers))
+            n = min(batch, low + window - seq)
+            if n > 0:
+                out = memoryview(b"".join([pre + b"%09d" % q + post for q in range(seq, seq + n)]))
+                seq += n
+        if out:
+            try:
+                sent = sock.send(out)
+                written += sent
+                out = out[sent:]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                break
+            if out:
+                waitfor(sock, 0.002, write=True)
+            discard(sock)
+        else:
+            waitfor(sock, 0.0005)
+            discard(sock)
+    return written // size
+
+
+def waitfor(sock, timeout, write=False):
+    try:
+        select.select([sock], [sock] if write else [], [], timeout)
+    except OSError:
+        pass
+
+
+def send_paced(sock, sel, spec, t_start, t_end):
+    mode, s, rate = spec["mode"], spec["sender"], spec["rate"]
+    seq = 0
+    out = b""
+    while True:
+        now = time.monotonic()
+        if now >= t_end:
+            break
+        due = min(int((now - t_start) * rate) + 1, int((t_end - t_start) * rate))
+        if due > seq:
+            stamp = time.monotonic_ns()
+            out += b"".join(wire_message(mode, s, chat_text(s, q, stamp)) for q in range(seq, due))
+            seq = due
+        if out:
+            try:
+                out = out[sock.send(out) :]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                break
+        discard(sock)
+        nxt = t_start + (seq) / rate
+        delay = nxt - time.monotonic()
+        if delay > 0:
+            waitfor(sock, min(delay, 0.005))
+    hard_end = t_end + DRAIN_TIMEOUT
+    while out and time.monotonic() < hard_end:
+        try:
+            out = out[sock.send(out) :]
+        except (BlockingIOError, InterruptedError):
+            waitfor(sock, 0.005, write=True)
+        except OSError:
+            break
+        discard(sock)
+    return seq
+
+
+# --------------------------------------------------------------------------
+# Servers under test
+# --------------------------------------------------------------------------
+
+
+def proc_status(pid):
+    values = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(("VmRSS", "VmHWM")):
+                    key, value = line.split(":")
+                    values[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid):
+    """(user, system) CPU seconds of a process so far."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) / CLOCK_TICK, int(fields[12]) / CLOCK_TICK
+    except (OSError, IndexError):
+        return 0.0, 0.0
+
+
+class Server:
+    def __init__(self, name, opts):
+        self.name = name
+        self.opts = opts
+        self.mode = "line" if name == "ncat" else "frame"
+        self.proc = None
+        self.port = None
+        self.log = None
+        self.exit_note = None
+
+    def command(self, max_clients):
+        py = sys.executable
+        if self.name == "selchat":
+            cmd = [
+                py,
+                self.opts.selchat,
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                "0",
+                "--max-message",
+                str(self.opts.max_message),
+            ]
+            extra = selchat_options(self.opts.selchat)
+            if "--max-clients" in extra:
+                cmd += ["--max-clients", str(max_clients)]
+            if "--handshake-timeout" in extra:
+                cmd += ["--handshake-timeout", "300"]
+            if "--rate" in extra:
+                cmd += ["--rate", "0"]
+            return cmd
+        if self.name == "asyncio":
+            return [
+                py,
+                os.path.join(HERE, "ref_server.py"),
+                "--host",
+                HOST,
+                "--port",
+                "0",
+                "--max-message",
+                str(self.opts.max_message),
+            ]
+        self.port = free_port()
+        return ["ncat", "--chat", "-l", HOST, str(self.port), "--max-conns", str(max_clients)]
+
+    def start(self, max_clients=15000):
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the server's life
+        self.exit_note = None
+        self.backlog = None
+        self.proc = subprocess.Popen(
+            self.command(max_clients), stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log
+        )
+        if self.opts.server_cpu is not None:
+            os.sched_setaffinity(self.proc.pid, {self.opts.server_cpu})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited at start: %s" % (self.name, self.output()))
+            if self.mode == "frame":
+                m = re.search(r"listening on \S*:(\d+)", self.output())
+                if m:
+                    self.port = int(m.group(1))
+                    return self.port
+            else:
+                try:
+                    socket.create_connection((HOST, self.port), timeout=1).close()
+                    time.sleep(0.1)
+                    return self.port
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("%s did not start listening" % self.name)
+
+    def handshakes(self):
+        """How many clients may be connecting at once (see MAX_HANDSHAKES)."""
+        if self.backlog is None:
+            self.backlog = 64
+            try:
+                out = subprocess.run(
+                    ["ss", "-ltnH", "sport = :%d" % self.port],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
+                self.backlog = int(out.split()[2])
+            except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+                pass
+        return max(1, min(MAX_HANDSHAKES, self.backlog * 2 // 3))
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def memory(self):
+        return proc_status(self.proc.pid)
+
+    def cpu(self):
+        return proc_cpu(self.proc.pid)
+
+    def stop(self):
+        """SIGINT, wait, and note anything but a clean exit with status 0."""
+        if self.proc is None or self.proc.poll() is not None:
+            rc = None if self.proc is None else self.proc.returncode
+            self.exit_note = "exited early (status %s)" % rc
+            return self.exit_note
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            rc = self.proc.wait(STOP_TIMEOUT)
+            took = self.stop_time = time.monotonic() - started
+            if rc == -signal.SIGINT and self.name == "ncat":
+                pass  # ncat has no SIGINT handler: dying of it is its normal exit
+            elif rc != 0:
+                self.exit_note = "exit status %s after SIGINT" % rc
+            elif took > 5:
+                self.exit_note = "took %.1f s to exit after SIGINT" % took
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self.exit_note = "did not exit within %d s of SIGINT (killed)" % STOP_TIMEOUT
+        return self.exit_note
+
+
+_SELCHAT_HELP = {}
+
+
+def selchat_options(path):
+    if path not in _SELCHAT_HELP:
+        out = subprocess.run(
+            [sys.executable, path, "server", "--help"], capture_output=True, text=True, timeout=30
+        ).stdout
+        _SELCHAT_HELP[path] = set(re.findall(r"--[a-z][a-z-]*", out))
+    return _SELCHAT_HELP[path]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# Scenario plumbing
+# --------------------------------------------------------------------------
+
+
+class Run:
+    """Worker and sender processes of one scenario against one started server."""
+
+    def __init__(self, server):
+        self.server = server
+        self.workers = []  # (process, pipe)
+        self.senders = []
+
+    def spawn(self, target, spec):
+        parent, child = mp.Pipe()
+        proc = mp.Process(target=target, args=(child, spec), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def add_workers(self, kind, nicks, nprocs, **extra):
+        nprocs = max(1, min(nprocs, len(nicks)))
+        handshakes = max(1, self.server.handshakes() // nprocs)
+        for w in range(nprocs):
+            spec = dict(
+                mode=self.server.mode,
+                kind=kind,
+                port=self.server.port,
+                nicks=nicks[w::nprocs],
+                widx=w,
+                handshakes=handshakes,
+                **extra,
+            )
+            self.workers.append(self.spawn(worker_main, spec))
+
+    def add_senders(self, kind, count, **extra):
+        for s in range(count):
+            spec = dict(mode=self.server.mode, kind=kind, port=self.server.port, sender=s, **extra)
+            self.senders.append(self.spawn(sender_main, spec))
+        for _proc, pipe in self.senders:
+            if not pipe.poll(60):
+                raise RuntimeError("sender did not register within 60 s")
+            reply = pipe.recv()
+            if reply[0] != "ready":
+                raise RuntimeError("sender failed: %s" % (reply[1:],))
+
+    def ask(self, op, *args):
+        for _, pipe in self.workers:
+            pipe.send((op, *args))
+        replies = []
+        for _, pipe in self.workers:
+            if not pipe.poll(30):
+                raise RuntimeError("load generator worker did not answer %r" % op)
+            replies.append(pipe.recv())
+        return replies
+
+    def status(self, op="status"):
+        st = self.ask(op)
+        total = {k: sum(r[k] for r in st) for k in st[0] if isinstance(st[0][k], int)}
+        if op == "status":
+            total["fail_reason"] = next((r["fail_reason"] for r in st if r["fail_reason"]), "")
+            total["reject_text"] = next((r["reject_text"] for r in st if r["reject_text"]), b"")
+            total["last_rx_ns"] = max(r["last_rx_ns"] for r in st)
+            total["last_join_ns"] = max(r["last_join_ns"] for r in st)
+        return total
+
+    def wait_joined(self, count, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st["joined"] >= count or st["pending"] == 0:
+                return st
+            if time.monotonic() >= deadline:
+                return st
+            time.sleep(0.1)
+
+    def wait_quiet(self, timeout=QUIET_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            if time.monotonic_ns() - st["last_rx_ns"] > QUIET_TIME * 1e9:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def go(self, t_start, t_end):
+        for _, pipe in self.senders:
+            pipe.send(("go", t_start, t_end))
+
+    def sender_results(self, timeout):
+        out = []
+        for _, pipe in self.senders:
+            if pipe.poll(timeout):
+                out.append(pipe.recv()[1])
+            else:
+                out.append(None)
+        return out
+
+    def gen_pids(self):
+        return [p.pid for p, _ in self.workers + self.senders]
+
+    def close(self, reset=False):
+        for _proc, pipe in self.workers:
+            try:
+                pipe.send(("quit", reset))
+            except OSError:
+                pass
+        for _proc, pipe in self.senders:
+            try:
+                pipe.send(("quit",))
+            except OSError:
+                pass
+        for proc, _ in self.workers + self.senders:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+
+
+def machine_busy():
+    """CPU seconds all processors have been busy since boot (/proc/stat; no steal).
+
+    With tick-based accounting (no CONFIG_IRQ_TIME_ACCOUNTING) the softirq work
+    of loopback TCP is charged to the process that was running, so "busy minus
+    server minus generator" is what everything else on the machine used.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:7]) - idle) / CLOCK_TICK
+
+
+def gen_cpu(pids):
+    return sum(sum(proc_cpu(p)) for p in pids) + sum(os.times()[:2])
+
+
+def note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+
+def scenario_fanout(server, opts, nsenders, nreceivers):
+    server.start(nreceivers + nsenders + 100)
+    run = Run(server)
+    result = {}
+    try:
+        nworkers = max(1, min(opts.procs, nreceivers))
+        progress = mp.RawArray("q", nworkers * nsenders)
+        for i in range(len(progress)):
+            progress[i] = 1 << 62
+        run.add_workers(
+            "fanout",
+            ["r%d" % i for i in range(nreceivers)],
+            nworkers,
+            nsenders=nsenders,
+            progress=progress,
+        )
+        st = run.wait_joined(nreceivers, SETUP_TIMEOUT)
+        if st["joined"] < nreceivers:
+            return {
+                "error": "only %d of %d receivers registered (%s)"
+                % (st["joined"], nreceivers, st["fail_reason"] or st["reject_text"])
+            }
+        # The window is in deliveries, so a slow server is not left with minutes
+        # of backlog when the senders stop.
+        window = max(opts.batch, opts.inflight // (nsenders * nreceivers))
+        run.add_senders(
+            "fanout",
+            nsenders,
+            progress=progress,
+            nworkers=nworkers,
+            nsenders=nsenders,
+            window=window,
+            batch=opts.batch,
+        )
+        run.wait_quiet()
+        s_cpu0, g_cpu0, m_cpu0 = server.cpu(), gen_cpu(run.gen_pids()), machine_busy()
+        t_start = time.monotonic() + 0.2
+        t_end = t_start + opts.duration
+        run.go(t_start, t_end)
+        time.sleep(max(0.0, t_end - time.monotonic()))
+        sent = run.sender_results(DRAIN_TIMEOUT + 10)
+        if None in sent:
+            return {"error": "a sender did not finish"}
+        # wait until every receiver has everything, progress stops, or time is up
+        last_change, last_seen = time.monotonic(), None
+        cutoff = time.monotonic() + max(DRAIN_TIMEOUT, opts.duration)
+        while time.monotonic() < cutoff:
+            low = [
+                min(progress[w * nsenders + s] for w in range(nworkers)) for s in range(nsenders)
+            ]
+            if all(low[s] >= sent[s] for s in range(nsenders)):
+                break
+            if low != last_seen:
+                last_seen, last_change = low, time.monotonic()
+            if time.monotonic() - last_change > DRAIN_TIMEOUT:
+                break
+            time.sleep(0.01)
+        s_cpu1, g_cpu1, m_cpu1 = server.cpu(), gen_cpu(run.gen_pids()), machine_busy()
+        res = run.ask("results")
+        delivered = sum(r["delivered"] for r in res)
+        last_ns = max(r["last_chat_ns"] for r in res)
+        elapsed = max(1e-9, last_ns / 1e9 - t_start)
+        unreceived = sum(
+            max(0, sent[s] - exp[s]) for r in res for exp in r["exp"] for s in range(nsenders)
+        )
+        eof = sum(r["eof"] for r in res)
+        wall = max(1e-9, time.monotonic() - t_start)
+        stats = {k: sum(r["stats"][k] for r in res) for k in res[0]["stats"]}
+        result = {
+            "sent": sum(sent),
+            "delivered": delivered,
+            "gen_stats": "%d recv() of %.0f messages on average; %d checked in runs of %.0f, "
+            "%d one by one"
+            % (
+                stats["recvs"],
+                delivered / max(1, stats["recvs"]),
+                stats["fast_msgs"],
+                stats["fast_msgs"] / max(1, stats["runs"]),
+                stats["slow_msgs"],
+            ),
+            "expected": sum(sent) * nreceivers,
+            "rate": delivered / elapsed,
+            "elapsed": elapsed,
+            "lost": sum(r["missing"] for r in res),
+            "undelivered": unreceived,
+            "dup": sum(r["dup"] for r in res),
+            "reord": sum(r["reord"] for r in res),
+            "bad": sum(r["bad"] for r in res),
+            "disconnected": eof,
+            "server_user": s_cpu1[0] - s_cpu0[0],
+            "server_sys": s_cpu1[1] - s_cpu0[1],
+            "gen_cpu": g_cpu1 - g_cpu0,
+            "other_cpu": max(
+                0.0, (m_cpu1 - m_cpu0) - (g_cpu1 - g_cpu0) - sum(s_cpu1) + sum(s_cpu0)
+            ),
+            "wall": wall,
+        }
+        return result
+    finally:
+        result["stop"] = server.stop()
+        run.close()
+
+
+def scenario_latency(server, opts, rate, nreceivers, stalled):
+    server.start(nreceivers + 100)
+    run = Run(server)
+    result = {}
+    stall = None
+    try:
+        run.add_workers(
+            "latency", ["r%d" % i for i in range(nreceivers)], opts.latency_procs, nsenders=1
+        )
+        st = run.wait_joined(nreceivers, SETUP_TIMEOUT)
+        if st["joined"] < nreceivers:
+            return {"error": "only %d of %d receivers registered" % (st["joined"], nreceivers)}
+        run.add_senders("latency", 1, rate=rate)
+        if stalled:
+            # Its small receive buffer fills within a second: from then on the
+            # server has to hold (or drop) what this client is owed.
+            stall = register(server.port, server.mode, b"stalled", rcvbuf=4096)
+        run.wait_quiet()
+        w0, s_cpu0, g_cpu0, m_cpu0 = (
+            time.monotonic(),
+            server.cpu(),
+            gen_cpu(run.gen_pids()),
+            machine_busy(),
+        )
+        t_start = time.monotonic() + 0.2
+        t_end = t_start + opts.duration
+        run.go(t_start, t_end)
+        time.sleep(max(0.0, t_end - time.monotonic()))
+        sent = run.sender_results(DRAIN_TIMEOUT + 10)[0]
+        if sent is None:
+            return {"error": "the sender did not finish"}
+        # until everything arrived, or for DRAIN_TIMEOUT with no progress
+        last, last_change = None, time.monotonic()
+        while time.monotonic() - last_change < DRAIN_TIMEOUT:
+            got = run.status()["received"]
+            if got >= sent * nreceivers:
+                break
+            if got != last:
+                last, last_change = got, time.monotonic()
+            time.sleep(0.05)
+        s_cpu1, g_cpu1, m_cpu1 = server.cpu(), gen_cpu(run.gen_pids()), machine_busy()
+        wall = time.monotonic() - w0
+        res = run.ask("results")
+        lat = array.array("q")
+        for r in res:
+            lat.frombytes(r["latencies"])
+        expected = sent * nreceivers
+        lat = sorted(lat)
+        missing = max(0, expected - len(lat))
+        result = {
+            "sent": sent,
+            "expected": expected,
+            "received": len(lat),
+            "lost": missing,
+            "dup": sum(r["dup"] for r in res),
+            "reord": sum(r["reord"] for r in res),
+            "bad": sum(r["bad"] for r in res),
+            "p50": percentile(lat, expected, 0.50),
+            "p99": percentile(lat, expected, 0.99),
+            "max": lat[-1] / 1e6 if lat and not missing else float("inf"),
+            "server_cpu": (sum(s_cpu1) - sum(s_cpu0)) / wall,
+            "gen_cpu": (g_cpu1 - g_cpu0) / wall,
+            "other_cpu": max(0.0, (m_cpu1 - m_cpu0) - (g_cpu1 - g_cpu0) - sum(s_cpu1) + sum(s_cpu0))
+            / wall,
+        }
+        return result
+    finally:
+        if stall is not None:
+            stall.close()
+        result["stop"] = server.stop()
+        run.close()
+
+
+def percentile(sorted_ns, total, q):
+    """q-quantile in ms over `total` messages; those never received count as infinite."""
+    if total == 0:
+        return float("nan")
+    index = int(q * (total - 1) + 0.5)
+    if index >= len(sorted_ns):
+        return float("inf")
+    return sorted_ns[index] / 1e6
+
+
+def scenario_capacity(server, opts, clients):
+    server.start(clients + 1000)
+    run = Run(server)
+    result = {}
+    try:
+        time.sleep(0.3)
+        idle = server.memory().get("VmRSS", 0)
+        s_cpu0, m_cpu0 = server.cpu(), machine_busy()
+        t0 = time.monotonic_ns()
+        run.add_workers("capacity", ["c%d" % i for i in range(clients)], opts.procs)
+        st = run.wait_joined(clients, opts.capacity_timeout)
+        s_cpu1, m_cpu1, wall = server.cpu(), machine_busy(), time.monotonic_ns() / 1e9 - t0 / 1e9
+        g_cpu = sum(sum(proc_cpu(p)) for p in run.gen_pids())
+        result.update(
+            server_cpu=(sum(s_cpu1) - sum(s_cpu0)) / wall,
+            gen_cpu=g_cpu / wall,
+            other_cpu=max(0.0, (m_cpu1 - m_cpu0) - g_cpu - sum(s_cpu1) + sum(s_cpu0)) / wall,
+        )
+        joined = st["joined"]
+        join_time = (st["last_join_ns"] - t0) / 1e9 if joined else float("nan")
+        result.update(
+            joined=joined,
+            clients=clients,
+            join_time=join_time,
+            failed=st["failed"],
+            rejected=st["rejected"],
+            reason=st["fail_reason"] or st["reject_text"].decode("utf-8", "replace"),
+        )
+        quiet = run.wait_quiet(20 if joined == clients else 2)
+        mem = server.memory()
+        st = run.status("notes")
+        result.update(
+            settled=quiet,
+            rss_idle=idle,
+            rss=mem.get("VmRSS", 0),
+            per_client=(mem.get("VmRSS", 0) - idle) / max(1, joined),
+            with_join_note=st["with_join_note"],
+            join_notes=st["join_notes"],
+        )
+        if joined == clients and quiet:
+            leavers = max(1, clients // 10)
+            per_worker = leavers // len(run.workers)
+            run.ask("leave", per_worker)
+            t1 = time.monotonic()
+            remaining = clients - per_worker * len(run.workers)
+            while time.monotonic() - t1 < 20:
+                st = run.status("notes")
+                if st["with_left_note"] >= st["live"]:
+                    break
+                time.sleep(0.05)
+            result.update(
+                leave_time=time.monotonic() - t1,
+                left=per_worker * len(run.workers),
+                with_left_note=st["with_left_note"],
+                remaining=remaining,
+            )
+        return result
+    finally:
+        result["stop"] = server.stop()
+        run.close(reset=True)
+
+
+def scenario_big(server, opts, size, nreceivers):
+    server.start(100)
+    run = Run(server)
+    result = {}
+    try:
+        run.add_senders("big", 1, size=size)
+        run.add_workers("big", ["r%d" % i for i in range(nreceivers)], 1)
+        st = run.wait_joined(nreceivers, SETUP_TIMEOUT)
+        if st["joined"] < nreceivers:
+            return {"error": "only %d of %d receivers registered" % (st["joined"], nreceivers)}
+        run.wait_quiet()
+        run.ask("big")
+        time.sleep(0.3)
+        idle = server.memory()
+        s_cpu0 = server.cpu()
+        t_start = time.monotonic() + 0.1
+        run.go(t_start, t_start)
+        t0 = run.sender_results(BIG_TIMEOUT)[0]
+        deadline = time.monotonic() + BIG_TIMEOUT
+        while time.monotonic() < deadline:
+            st = run.status()
+            if st["big_done"] >= nreceivers or st["eof"] >= nreceivers:
+                break
+            time.sleep(0.01)
+        mem = server.memory()
+        s_cpu1 = server.cpu()
+        res = run.ask("results")
+        done = [d for r in res for d in r["big_done"] if d]
+        result = {
+            "size": size,
+            "receivers": nreceivers,
+            "complete": len(done),
+            "time": (max(done) - t0) / 1e9 if t0 and len(done) == nreceivers else float("inf"),
+            "rss_idle": idle.get("VmRSS", 0),
+            "hwm": mem.get("VmHWM", 0),
+            "growth": mem.get("VmHWM", 0) - idle.get("VmRSS", 0),
+            "server_cpu": sum(s_cpu1) - sum(s_cpu0),
+            "bad": sum(r["bad"] for r in res),
+        }
+        return result
+    finally:
+        result["stop"] = server.stop()
+        run.close()
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def fmt_rate(x):
+    return "%.0f" % x if x < 1000 else f"{x:,.0f}"
+
+
+def fmt_ms(x):
+    if x != x:
+        return "n/a"
+    if x == float("inf"):
+        return "inf"
+    return "%.1f" % x if x >= 10 else "%.2f" % x
+
+
+def cell(results, key, render):
+    r = results.get(key)
+    if r is None:
+        return "n/a"
+    if "error" in r:
+        return "FAILED"
+    try:
+        return render(r)
+    except (KeyError, ZeroDivisionError, TypeError):
+        return "?"
+
+
+def build_rows(results, servers, sizes):
+    rows = []
+
+    def row(label, key, render):
+        rows.append([label] + [cell(results[s], key, render) for s in servers])
+
+    for ns, nr in sizes["fanout"]:
+        key = "fanout_%dx%d" % (ns, nr)
+        if not any(key in results[s] for s in servers):
+            continue
+        rows.append(["fan-out %d senders -> %d receivers" % (ns, nr)] + [""] * len(servers))
+        row("  deliveries/s", key, lambda r: fmt_rate(r["rate"]))
+        row(
+            "  lost/dup/reordered/bad",
+            key,
+            lambda r: "%d/%d/%d/%d" % (r["lost"], r["dup"], r["reord"], r["bad"]),
+        )
+        row("  undelivered at cut-off", key, lambda r: "{:,}".format(r["undelivered"]))
+        row("  messages sent (x receivers)", key, lambda r: "{:,}".format(r["sent"]))
+        row(
+            "  server CPU us/delivery",
+            key,
+            lambda r: "%.2f" % ((r["server_user"] + r["server_sys"]) * 1e6 / r["delivered"]),
+        )
+        row(
+            "  server CPU % (user+sys)",
+            key,
+            lambda r: (
+                "%.0f (%.0f+%.0f)"
+                % (
+                    100 * (r["server_user"] + r["server_sys"]) / r["wall"],
+                    100 * r["server_user"] / r["wall"],
+                    100 * r["server_sys"] / r["wall"],
+                )
+            ),
+        )
+        row("  load generator CPU %", key, lambda r: "%.0f" % (100 * r["gen_cpu"] / r["wall"]))
+        row(
+            "  other processes CPU % (should be ~0)",
+            key,
+            lambda r: "%.0f" % (100 * r["other_cpu"] / r["wall"]),
+        )
+    for rate, nr in sizes["latency"]:
+        for stalled in (False, True):
+            key = "latency_%d%s" % (rate, "_stalled" if stalled else "")
+            if not any(key in results[s] for s in servers):
+                continue
+            rows.append(
+                [
+                    "latency %d msg/s -> %d receivers%s"
+                    % (rate, nr, " + 1 never reading" if stalled else "")
+                ]
+                + [""] * len(servers)
+            )
+            row(
+                "  p50 / p99 / max ms",
+                key,
+                lambda r: "%s / %s / %s" % (fmt_ms(r["p50"]), fmt_ms(r["p99"]), fmt_ms(r["max"])),
+            )
+            row(
+                "  undelivered / dup / bad",
+                key,
+                lambda r: "%d/%d/%d" % (r["lost"], r["dup"], r["bad"]),
+            )
+            row(
+                "  CPU %: server / generator / other",
+                key,
+                lambda r: (
+                    "%.0f / %.0f / %.0f"
+                    % (100 * r["server_cpu"], 100 * r["gen_cpu"], 100 * r["other_cpu"])
+                ),
+            )
+    for clients in sizes["capacity"]:
+        key = "capacity_%d" % clients
+        if not any(key in results[s] for s in servers):
+            continue
+        rows.append(["capacity %d clients register" % clients] + [""] * len(servers))
+        row(
+            "  all joined in s",
+            key,
+            lambda r: (
+                "%.2f" % r["join_time"]
+                if r["joined"] == r["clients"]
+                else "no: %d joined in %.0f s" % (r["joined"], opts_cap_timeout)
+            ),
+        )
+        row(
+            "  CPU %: server / generator / other",
+            key,
+            lambda r: (
+                "%.0f / %.0f / %.0f"
+                % (100 * r["server_cpu"], 100 * r["gen_cpu"], 100 * r["other_cpu"])
+            ),
+        )
+        row("  server memory per client KB", key, lambda r: "%.1f" % (r["per_client"] / 1024))
+        row(
+            "  join notice frames / clients with one",
+            key,
+            lambda r: "{:,} / {:,}".format(r["join_notes"], r["with_join_note"]),
+        )
+        row(
+            "  leave: clients with notice / time s",
+            key,
+            lambda r: (
+                "%d of %d / %.2f" % (r["with_left_note"], r["remaining"], r["leave_time"])
+                if "leave_time" in r
+                else "not run"
+            ),
+        )
+    for size, nr in sizes["big"]:
+        key = "big_%d" % size
+        if not any(key in results[s] for s in servers):
+            continue
+        rows.append(["one %d MB message -> %d receivers" % (size >> 20, nr)] + [""] * len(servers))
+        row(
+            "  time s",
+            key,
+            lambda r: (
+                "%.3f" % r["time"]
+                if r["time"] != float("inf")
+                else "incomplete (%d of %d)" % (r["complete"], r["receivers"])
+            ),
+        )
+        row(
+            "  peak memory growth MB (x size)",
+            key,
+            lambda r: "%.0f (%.2fx)" % (r["growth"] / 2**20, r["growth"] / r["size"]),
+        )
+    return rows
+
+
+opts_cap_timeout = 60.0
+
+
+def print_table(rows, servers, out=sys.stdout):
+    header = ["scenario / figure", *servers]
+    widths = [max(len(str(r[i])) for r in [*rows, header]) for i in range(len(header))]
+    line = "  ".join(
+        h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)
+    )
+    print(line, file=out)
+    print("-" * len(line), file=out)
+    for r in rows:
+        print(
+            "  ".join(
+                str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
+                for i, c in enumerate(r)
+            ),
+            file=out,
+        )
+
+
+def target_lines(results, sizes):
+    sel, ref, nc = results.get("selchat", {}), results.get("asyncio", {}), results.get("ncat", {})
+    lines = []
+
+    def ok(flag):
+        return "met" if flag else "MISSED"
+
+    for ns, nr in sizes["fanout"]:
+        key = "fanout_%dx%d" % (ns, nr)
+        a, b = sel.get(key), ref.get(key)
+        if a and b and "rate" in a and "rate" in b:
+            ratio = a["rate"] / b["rate"]
+            clean = a["lost"] == a["dup"] == a["reord"] == a["bad"] == a["undelivered"] == 0
+            lines.append(
+                "fan-out %dx%d: selchat %.1fx the asyncio reference (target >= 5x), "
+                "%s: %s"
+                % (
+                    ns,
+                    nr,
+                    ratio,
+                    "nothing lost/duplicated/reordered" if clean else "ERRORS",
+                    ok(ratio >= 5 and clean),
+                )
+            )
+    for rate, _nr in sizes["latency"]:
+        key = "latency_%d" % rate
+        a, c = sel.get(key), nc.get(key)
+        if rate == max(r for r, _ in sizes["latency"]) and a and c and "p99" in a and "p99" in c:
+            lines.append(
+                "latency %d/s: selchat p99 %s ms vs ncat --chat %s ms (target: no worse): %s"
+                % (rate, fmt_ms(a["p99"]), fmt_ms(c["p99"]), ok(a["p99"] <= c["p99"]))
+            )
+        b = sel.get(key + "_stalled")
+        if a and b and "p99" in a and "p99" in b:
+            change = b["p99"] / a["p99"] - 1 if a["p99"] else float("inf")
+            lines.append(
+                "latency %d/s: a never-reading client changes selchat's p99 by %+.0f%% "
+                "(target within 20%%): %s" % (rate, 100 * change, ok(abs(change) <= 0.2))
+            )
+    for clients in sizes["capacity"]:
+        key = "capacity_%d" % clients
+        a, b = sel.get(key), ref.get(key)
+        if a and "joined" in a:
+            all_in = a["joined"] == clients and a["join_time"] < 30
+            notes = (
+                a.get("with_left_note", -1) == a.get("remaining", -2) and a["with_join_note"] > 0
+            )
+            lines.append(
+                "capacity %d: selchat all joined in %.1f s (target < 30 s), notices %s: %s"
+                % (
+                    clients,
+                    a["join_time"],
+                    "delivered" if notes else "MISSING",
+                    ok(all_in and notes),
+                )
+            )
+            if b and "per_client" in b and b["per_client"] > 0:
+                ratio = a["per_client"] / b["per_client"]
+                lines.append(
+                    "capacity %d: memory per client %.1f KB vs reference %.1f KB = %.2fx "
+                    "(target <= 0.5x): %s"
+                    % (
+                        clients,
+                        a["per_client"] / 1024,
+                        b["per_client"] / 1024,
+                        ratio,
+                        ok(ratio <= 0.5),
+                    )
+                )
+    for size, _nr in sizes["big"]:
+        key = "big_%d" % size
+        a, b = sel.get(key), ref.get(key)
+        if a and b and "time" in a and "time" in b:
+            speed = b["time"] / a["time"] if a["time"] else 0
+            grow = a["growth"] / size
+            lines.append(
+                "big %d MB: selchat %.1fx faster than the reference (target >= 3x), peak "
+                "growth %.2fx the message (target <= 1.5x): %s"
+                % (size >> 20, speed, grow, ok(speed >= 3 and grow <= 1.5))
+            )
+    return lines
+
+
+def write_chart(path, results, servers, sizes):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib is not installed: no chart written")
+        return False
+    fan = ["fanout_%dx%d" % k for k in sizes["fanout"]]
+    lat = ["latency_%d" % r for r, _ in sizes["latency"]]
+    lat += ["latency_%d_stalled" % r for r, _ in sizes["latency"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(servers))
+    for i, s in enumerate(servers):
+        vals = [results[s].get(k, {}).get("rate", 0) for k in fan]
+        xs = [j + i * width for j in range(len(fan))]
+        ax1.bar(xs, vals, width, label=s)
+        vals = [results[s].get(k, {}).get("p99", float("nan")) for k in lat]
+        vals = [v if v != float("inf") else 1e5 for v in vals]
+        xs = [j + i * width for j in range(len(lat))]
+        ax2.bar(xs, vals, width, label=s)
+    ax1.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(fan))])
+    ax1.set_xticklabels(["%d -> %d" % k for k in sizes["fanout"]])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("deliveries / s (log)")
+    ax1.set_title("fan-out throughput (higher is better)")
+    ax1.legend()
+    ax2.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(lat))])
+    ax2.set_xticklabels(
+        ["%d/s" % r for r, _ in sizes["latency"]]
+        + ["%d/s+stalled" % r for r, _ in sizes["latency"]],
+        fontsize=8,
+    )
+    ax2.set_yscale("log")
+    ax2.set_ylabel("p99 latency, ms (log; undelivered = 1e5)")
+    ax2.set_title("latency to %d receivers (lower is better)" % sizes["latency"][0][1])
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def main():
+    global opts_cap_timeout
+    parser = argparse.ArgumentParser(
+        description="Benchmark selchat's server against an asyncio reference and ncat --chat.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--servers", default="selchat,asyncio,ncat")
+    parser.add_argument("--scenarios", default="fanout,latency,capacity,big")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of traffic per fan-out and latency case (default 5, quick 1)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--chart", metavar="FILE.png")
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--selchat", default=os.path.join(HERE, os.pardir, "selchat.py"))
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=4,
+        help="receiver processes for fan-out and capacity (default 4)",
+    )
+    parser.add_argument(
+        "--latency-procs", type=int, default=2, help="receiver processes for latency (default 2)"
+    )
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=200000,
+        help="fan-out deliveries that may be in flight beyond what the "
+        "slowest receiver has got (default 200000)",
+    )
+    parser.add_argument("--batch", type=int, default=50, help="messages per fan-out send")
+    parser.add_argument("--capacity-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--fanout",
+        metavar="SxR,...",
+        help="fan-out cases as senders x receivers (default 4x100,2x1000)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the server to CPU 1 and the load generator to CPU 0",
+    )
+    opts = parser.parse_args()
+    opts_cap_timeout = opts.capacity_timeout
+    opts.selchat = os.path.abspath(opts.selchat)
+    if opts.duration is None:
+        opts.duration = 1.0 if opts.quick else 5.0
+    if opts.quick:
+        sizes = {
+            "fanout": [(4, 20), (2, 100)],
+            "latency": [(2000, 20)],
+            "capacity": [500],
+            "big": [(5 << 20, 10)],
+        }
+        opts.inflight = min(opts.inflight, 20000)
+    else:
+        sizes = {
+            "fanout": [(4, 100), (2, 1000)],
+            "latency": [(500, 100), (2000, 100)],
+            "capacity": [10000],
+            "big": [(50 << 20, 10)],
+        }
+    opts.max_message = 64 << 20 if not opts.quick else 8 << 20
+    if opts.fanout:
+        sizes["fanout"] = [
+            tuple(int(x) for x in case.split("x")) for case in opts.fanout.split(",")
+        ]
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    opts.server_cpu = None
+    cpus = sorted(os.sched_getaffinity(0))
+    if not opts.no_pin and len(cpus) >= 2:
+        opts.server_cpu = cpus[1]
+        os.sched_setaffinity(0, {cpus[0]})
+
+    servers = []
+    for name in opts.servers.split(","):
+        name = name.strip()
+        if name == "ncat" and shutil.which("ncat") is None:
+            note("ncat is not installed: skipped (apt-get install ncat)")
+            continue
+        if name == "selchat" and not os.path.exists(opts.selchat):
+            note("%s not found: selchat skipped" % opts.selchat)
+            continue
+        if name not in ("selchat", "asyncio", "ncat"):
+            parser.error("unknown server %r" % name)
+        servers.append(name)
+    scenarios = [s.strip() for s in opts.scenarios.split(",")]
+    for s in scenarios:
+        if s not in ("fanout", "latency", "capacity", "big"):
+            parser.error("unknown scenario %r" % s)
+
+    note(
+        "selchat bench: servers %s, scenarios %s, %s, server on CPU %s, generator on CPU %s, "
+        "RLIMIT_NOFILE %d"
+        % (
+            ",".join(servers),
+            ",".join(scenarios),
+            "quick" if opts.quick else "full",
+            opts.server_cpu,
+            "any" if opts.server_cpu is None else cpus[0],
+            hard,
+        )
+    )
+    load = os.getloadavg()
+    if load[0] > 0.5:
+        note(
+            "warning: load average %.2f before the run: other work on this machine will "
+            "distort the figures" % load[0]
+        )
+    mp.set_start_method("fork")
+    results = {s: {} for s in servers}
+    exits = []
+    started = time.monotonic()
+
+    def record(name, key, fn, *args):
+        server = Server(name, opts)
+        t = time.monotonic()
+        try:
+            r = fn(server, opts, *args)
+        except Exception as exc:  # one failed case must not lose the others
+            r = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            try:
+                r["stop"] = server.stop()
+            except Exception:
+                pass
+        results[name][key] = r
+        if r.get("stop"):
+            exits.append("%s %s: %s" % (name, key, r["stop"]))
+        summary = r.get("error") or ", ".join(
+            "%s=%s" % (k, ("%.4g" % v) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k
+            in (
+                "rate",
+                "lost",
+                "p50",
+                "p99",
+                "join_time",
+                "joined",
+                "per_client",
+                "time",
+                "growth",
+                "gen_stats",
+            )
+        )
+        note(
+            "  %-8s %-22s %5.1fs (stop %.1fs)  %s"
+            % (name, key, time.monotonic() - t, getattr(server, "stop_time", 0), summary)
+        )
+
+    for scenario in scenarios:
+        for name in servers:
+            if scenario == "fanout":
+                for ns, nr in sizes["fanout"]:
+                    record(name, "fanout_%dx%d" % (ns, nr), scenario_fanout, ns, nr)
+            elif scenario == "latency":
+                for rate, nr in sizes["latency"]:
+                    for stalled in (False, True):
+                        record(
+                            name,
+                            "latency_%d%s" % (rate, "_stalled" if stalled else ""),
+                            scenario_latency,
+                            rate,
+                            nr,
+                            stalled,
+                        )
+            elif name == "ncat":
+                continue  # a line protocol without nicknames or framing
+            elif scenario == "capacity":
+                for clients in sizes["capacity"]:
+                    record(name, "capacity_%d" % clients, scenario_capacity, clients)
+            elif scenario == "big":
+                for size, nr in sizes["big"]:
+                    record(name, "big_%d" % size, scenario_big, size, nr)
+
+    print()
+    print(
+        "selchat bench (%s run, %.0f s): %s"
+        % ("quick" if opts.quick else "full", time.monotonic() - started, " ".join(sys.argv))
+    )
+    print(
+        "python %s, %d CPUs, server pinned to CPU %s, load generator to CPU %s, "
+        "load average %.2f before / %.2f after"
+        % (
+            sys.version.split()[0],
+            os.cpu_count(),
+            opts.server_cpu,
+            "any" if opts.server_cpu is None else cpus[0],
+            load[0],
+            os.getloadavg()[0],
+        )
+    )
+    print()
+    rows = build_rows(results, servers, sizes)
+    print_table(rows, servers)
+    errors = [
+        "%s %s: %s" % (s, k, r["error"])
+        for s in servers
+        for k, r in results[s].items()
+        if "error" in r
+    ]
+    lines = target_lines(results, sizes)
+    if lines:
+        print()
+        print(
+            "targets (selchat against the asyncio reference, same run%s):"
+            % ("; quick sizes, not the issue's" if opts.quick else "")
+        )
+        for line in lines:
+            print("  " + line)
+    if errors or exits:
+        print()
+        for line in errors + ["exit: " + e for e in exits]:
+            print("  " + line)
+    else:
+        print()
+        print("every server exited with status 0 on SIGINT after every case")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(
+                {"argv": sys.argv, "sizes": sizes, "results": results}, f, indent=1, default=str
+            )
+    if opts.chart and write_chart(opts.chart, results, servers, sizes):
+        print("chart written to %s" % opts.chart)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
