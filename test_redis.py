@@ -1,0 +1,392 @@
+"""Tests for a room shared by several selchat servers through Redis (issue 7).
+
+Every test runs real `selchat.py server --redis` processes against a real
+redis-server on loopback: the one in SELCHAT_TEST_REDIS, or (when the
+redis-server binary is installed) one this module starts on a free port. The
+servers are driven over real sockets by raw peers that speak the wire protocol
+themselves. Every test uses a room of its own; every wait has a deadline.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from test_features import (
+    HERE,
+    SCRIPT,
+    TIMEOUT,
+    Peer,
+    PeerClosed,
+    ServerProcess,
+    User,
+    clean_env,
+    history_begin,
+)
+
+REDIS_SERVER = shutil.which("redis-server")
+DEGRADED = "The shared room is degraded"
+BACK = "The shared room is back"
+
+pytestmark = pytest.mark.skipif(
+    not REDIS_SERVER and not os.environ.get("SELCHAT_TEST_REDIS"),
+    reason="needs a Redis: install redis-server or set SELCHAT_TEST_REDIS=redis://HOST:PORT/0",
+)
+needs_redis_binary = pytest.mark.skipif(
+    not REDIS_SERVER, reason="needs the redis-server binary to stop and start a Redis"
+)
+
+try:
+    import redis  # noqa: F401 - the servers under test need it
+except ImportError:  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="needs the redis package (requirements-dev.txt)")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisProcess:
+    """redis-server on loopback, in the foreground of a child process, saving nothing."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    if REDIS_SERVER:
+        server = RedisProcess()
+        yield server.url
+        server.kill()
+    else:
+        yield os.environ["SELCHAT_TEST_REDIS"]
+
+
+@pytest.fixture
+def room():
+    return "test-%s" % uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def start_server(room):
+    """Factory: `selchat.py server --redis URL --room ROOM` on a free port."""
+    servers = []
+
+    def start(url, *args):
+        server = ServerProcess(
+            ["--host", "127.0.0.1", "--port", "0", "--redis", url, "--room", room, *args]
+        )
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+        print(f"--- server log (port {server.port}) ---\n{server.log}")
+    for server in servers:
+        assert "Traceback" not in server.log, f"the server logged a traceback:\n{server.log}"
+
+
+@pytest.fixture
+def join():
+    """Factory: a raw peer registered as `nick`, its welcome (and history) read."""
+    peers = []
+
+    def open_peer(server, nick):
+        peer = Peer(server.port)
+        peers.append(peer)
+        peer.send_frame(nick)
+        welcome = peer.recv_service()
+        assert welcome.startswith(f"Welcome to selchat, {nick}!"), welcome
+        return User(peer, nick)
+
+    yield open_peer
+    for peer in peers:
+        peer.close()
+
+
+def next_chat(user, timeout=TIMEOUT):
+    """The next chat message for user, skipping service messages (notices)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
+        if payload.count(b"\0") >= 2:
+            return tuple(payload.decode("utf-8").split("\0", 2))
+
+
+def wait_service(user, pattern, timeout=TIMEOUT):
+    """Read until a service message matching pattern; return it and what came before."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    before = []
+    while True:
+        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
+        if b"\0" not in payload and regex.search(payload.decode("utf-8")):
+            return payload.decode("utf-8"), before
+        before.append(payload)
+
+
+def until(check, timeout=TIMEOUT, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
+
+
+def who(user):
+    user.send_frame("/who")
+    return wait_service(user, r"online: ")[0]
+
+
+# ---------------------------------------------------------------------------
+# One room on several servers
+# ---------------------------------------------------------------------------
+
+
+def test_messages_cross_every_server_in_each_senders_order(redis_url, start_server, join):
+    servers = [start_server(redis_url) for _ in range(3)]
+    alice = join(servers[0], "alice")
+    bob = join(servers[1], "bob")
+    carol = join(servers[2], "carol")
+    wait_service(alice, r"^carol joined the chat \(3 online\)")
+    for number in range(30):
+        alice.send_chat("from alice %d" % number, nick="alice")
+        carol.send_chat("from carol %d" % number, nick="carol")
+    for reader, senders in ((bob, ("alice", "carol")), (alice, ("carol",)), (carol, ("alice",))):
+        got = {sender: [] for sender in senders}
+        while sum(map(len, got.values())) < 30 * len(senders):
+            _, nick, text = next_chat(reader)
+            got[nick].append(text)
+        for sender in senders:
+            assert got[sender] == ["from %s %d" % (sender, n) for n in range(30)]
+    # Nobody gets their own messages back, on their server or through Redis.
+    bob.send_chat("marker", nick="bob")
+    assert next_chat(alice)[1:] == ("bob", "marker")
+    assert next_chat(carol)[1:] == ("bob", "marker")
+
+
+def test_join_leave_and_rename_notices_reach_every_server(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    alice = join(first, "alice")
+    bob = join(second, "bob")
+    assert wait_service(alice, r"joined")[0] == "bob joined the chat (2 online)"
+    bob.send_frame("/nick robert")
+    assert bob.recv_service() == "You are now known as robert"
+    assert wait_service(alice, r"known as")[0] == "bob is now known as robert"
+    bob.close()
+    assert wait_service(alice, r"left")[0] == "robert left the chat (1 online)"
+
+
+def test_a_nickname_is_unique_across_servers(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    alice = join(first, "alice")
+    clash = Peer(second.port)
+    clash.send_frame("ALICE")
+    assert clash.recv_service() == 'Nickname rejected: "ALICE" is already in use'
+    with pytest.raises(PeerClosed):
+        clash.recv_frame()
+    clash.close()
+    bob = join(second, "bob")
+    bob.send_frame("/nick Alice")
+    assert bob.recv_service() == 'Nickname not changed: "Alice" is already in use'
+    # Once alice leaves, her nickname is free on every server at once.
+    alice.close()
+    wait_service(bob, r"^alice left")
+    again = join(second, "alice")
+    bob.send_chat("hi", nick="bob")
+    assert next_chat(again)[1:] == ("bob", "hi")
+
+
+def test_who_lists_everyone_with_their_server(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    alice = join(first, "alice")
+    join(second, "bob")
+    join(second, "carol")
+    host = socket.gethostname()
+    answer = who(alice)
+    assert answer.startswith("3 users online: "), answer
+    pattern = r"alice \(on %s:%d, joined \d+ s ago\)" % (re.escape(host), first.port)
+    assert re.search(pattern, answer), answer
+    assert "bob (on %s:%d, joined" % (host, second.port) in answer
+    assert "carol (on %s:%d, joined" % (host, second.port) in answer
+
+
+def test_private_messages_reach_a_user_on_another_server(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    alice = join(first, "alice")
+    bob = join(second, "bob")
+    carol = join(second, "carol")
+    alice.send_frame("/msg BOB psst")
+    _stamp, field, text = next_chat(bob)
+    assert (field, text) == ("[private] alice -> bob", "psst")
+    assert next_chat(alice)[1:] == ("[private] alice -> bob", "psst")
+    alice.send_frame("/msg nobody hello")
+    assert wait_service(alice, r"^Not sent")[0].startswith("Not sent: nobody called nobody")
+    # carol saw none of it.
+    bob.send_chat("public", nick="bob")
+    assert next_chat(carol)[1:] == ("bob", "public")
+
+
+def test_history_comes_from_redis_after_every_server_restarts(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    alice = join(first, "alice")
+    bob = join(second, "bob")
+    for number in range(3):
+        alice.send_chat("early %d" % number, nick="alice")
+    for number in range(3):
+        assert next_chat(bob)[1:] == ("alice", "early %d" % number)
+    bob.send_frame("/me waves")
+    assert next_chat(bob)[1:] == ("* bob", "waves")
+    assert next_chat(alice)[1:] == ("* bob", "waves")
+    first.stop()
+    second.stop()
+    third = start_server(redis_url)
+    late = Peer(third.port)
+    late.send_frame("late")
+    assert late.recv_service().startswith("Welcome to selchat, late!")
+    assert late.recv_service() == history_begin(4)
+    got = [tuple(late.recv_frame().decode().split("\0")[1:]) for _ in range(4)]
+    assert got == [("alice", "early %d" % n) for n in range(3)] + [("* bob", "waves")]
+    assert late.recv_service() == "--- end of earlier messages ---"
+    late.close()
+
+
+# ---------------------------------------------------------------------------
+# When Redis or a server goes away
+# ---------------------------------------------------------------------------
+
+
+@needs_redis_binary
+def test_redis_restarted_mid_conversation(start_server, join):
+    own = RedisProcess()
+    try:
+        first, second = start_server(own.url), start_server(own.url)
+        alice = join(first, "alice")
+        carol = join(first, "carol")
+        bob = join(second, "bob")
+        wait_service(alice, r"^bob joined")
+        alice.send_chat("before", nick="alice")
+        assert next_chat(bob)[1:] == ("alice", "before")
+        own.kill()
+        for user in (alice, bob, carol):
+            wait_service(user, DEGRADED)
+        # The local room keeps working.
+        alice.send_chat("while down", nick="alice")
+        assert next_chat(carol)[1:] == ("alice", "while down")
+        own.start()
+        for user in (alice, bob, carol):
+            _, before = wait_service(user, BACK, timeout=20)
+            assert not [p for p in before if DEGRADED.encode() in p], "degraded told twice"
+        alice.send_chat("after", nick="alice")
+        bob.send_chat("bob after", nick="bob")
+        assert next_chat(bob)[1:] == ("alice", "after")
+        assert next_chat(alice)[1:] == ("bob", "bob after")
+        assert next_chat(carol)[1:] == ("alice", "after")
+        assert next_chat(carol)[1:] == ("bob", "bob after")
+        # Nothing came twice: each one's next message is a fresh marker.
+        bob.send_chat("end", nick="bob")
+        for user in (alice, carol):
+            assert next_chat(user)[1:] == ("bob", "end")
+        alice.send_chat("end", nick="alice")
+        assert next_chat(bob)[1:] == ("alice", "end")
+        # /who works again across servers, with the nicknames claimed again.
+        until(lambda: "3 users online" in who(bob), timeout=TIMEOUT)
+    finally:
+        own.kill()
+
+
+def test_users_of_a_killed_server_vanish_within_the_ttl(redis_url, start_server, join):
+    first = start_server(redis_url, "--redis-ttl", "1.5")
+    second = start_server(redis_url, "--redis-ttl", "1.5")
+    join(first, "alice")
+    bob = join(second, "bob")
+    assert who(bob).startswith("2 users online")
+    killed_at = time.monotonic()
+    first.proc.send_signal(signal.SIGKILL)
+    until(lambda: who(bob).startswith("1 user online: bob"), timeout=5)
+    taken = Peer(second.port)
+    taken.send_frame("alice")
+    assert taken.recv_service().startswith("Welcome to selchat, alice!")
+    assert time.monotonic() - killed_at < 5
+    taken.close()
+
+
+def run_server_briefly(*args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "server", "--host", "127.0.0.1", "--port", "0", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=clean_env(),
+        cwd=str(HERE),
+        timeout=30,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("redis://127.0.0.1:%d/0" % free_port(), "refused"),
+        ("http://127.0.0.1:6379/0", "redis://"),
+    ],
+)
+def test_an_unusable_redis_url_is_one_line_and_status_1(url, reason):
+    result = run_server_briefly("--redis", url)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot use Redis at %s" % url in lines[0]
+    assert reason in lines[0].lower() or reason in lines[0]
+    assert "listening" not in result.stderr
