@@ -1724,6 +1724,8 @@ REDIS_TIMEOUT = 5.0
 # The Redis reader reconnects after this many seconds, doubling up to the maximum.
 REDIS_RETRY_FIRST = 0.5
 REDIS_RETRY_MAX = 10.0
+# How often the room's size is asked for (the count in join and leave notices).
+REDIS_COUNT_INTERVAL = 1.0
 # Output waiting for a slow Redis; past it a turn's batch is dropped (and logged).
 REDIS_MAX_BACKLOG = 64 << 20
 ROOM_DEGRADED = (
@@ -1741,20 +1743,27 @@ INSTANCE_SIZE = 16
 # A nickname key holds its owner: "instance TAB server TAB nick TAB joined".
 # The same string is a member of the room's "who" sorted set, scored by when
 # the claim runs out (Redis's clock), so /who never lists a dead server's users.
+# Claiming answers 0 when someone else has the nickname, else how many users
+# the room has (the count in join and leave notices).
 _CLAIM_SCRIPT = """
 local owner = redis.call('GET', KEYS[1])
 if owner and owner ~= ARGV[1] then return 0 end
 local now = redis.call('TIME')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
 redis.call('ZADD', KEYS[2], ms + ARGV[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+return redis.call('ZCARD', KEYS[2])
 """
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
+"""
+_COUNT_SCRIPT = """
+local now = redis.call('TIME')
+return redis.call('ZCOUNT', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000), '+inf')
 """
 _WHO_SCRIPT = """
 local now = redis.call('TIME')
@@ -1799,6 +1808,7 @@ class RedisLink:
         self._claim: Any = None
         self._release: Any = None
         self._who: Any = None
+        self._count: Any = None
 
     # -- in the main thread --------------------------------------------------
 
@@ -1813,6 +1823,7 @@ class RedisLink:
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._release = client.register_script(_RELEASE_SCRIPT)
         self._who = client.register_script(_WHO_SCRIPT)
+        self._count = client.register_script(_COUNT_SCRIPT)
         self._pubsub = self._subscribe()
         frames: list[bytes] = client.lrange(self.history_key, -history, -1) if history else []
         return frames
@@ -1967,6 +1978,15 @@ class RedisLink:
     def who(self, client: Any) -> list[str]:
         return [member.decode("utf-8", "replace") for member in self._who(keys=[self.who_key])]
 
+    def count(self, client: Any) -> int:
+        return int(self._count(keys=[self.who_key]))
+
+    def goodbye(self, names: list[str], client: Any) -> None:
+        """Tell the other servers that this one's users left, as it stops."""
+        text = "%s left the chat (%d online)" % (_names(names), self.count(client))
+        message = b"".join((SHARED_NOTICE, self.instance, encode_frame(text.encode("utf-8"))))
+        client.publish(self.channel, message)
+
     def reset(self, client: Any) -> None:
         """Drop connections that died with the last Redis (a command is never retried)."""
         client.connection_pool.disconnect()
@@ -2042,6 +2062,7 @@ class SharedChatServer(ChatServer):
         self._members: dict[str, str] = {}  # casefolded nickname -> its claim
         self._others = 0  # users on other servers, as of the last heartbeat
         self._next_heartbeat = 0.0
+        self._next_count = 0.0
         for frame in history[-self.history_size :] if self.history_size else ():
             self._remember(len(frame), (frame,))
 
@@ -2107,11 +2128,21 @@ class SharedChatServer(ChatServer):
 
     def _housekeeping(self, now: float) -> None:
         super()._housekeeping(now)
-        if now >= self._next_heartbeat and self.shared_up:
+        if not self.shared_up:
+            return
+        if now >= self._next_heartbeat:
             self._heartbeat(now)
+        elif now >= self._next_count:
+            self._next_count = now + REDIS_COUNT_INTERVAL
+            self.link.submit(self.link.count, self._counted)
+
+    def _counted(self, result: Any) -> None:
+        if isinstance(result, int):
+            self._others = max(result - len(self.users), 0)
 
     def _heartbeat(self, now: float) -> None:
         self._next_heartbeat = now + self.link.ttl_ms / 3000.0
+        self._next_count = now + REDIS_COUNT_INTERVAL
         members = list(self._members.items())
         self.link.submit(functools.partial(self.link.heartbeat, members), self._heartbeat_done)
 
@@ -2238,16 +2269,17 @@ class SharedChatServer(ChatServer):
         held, raw = conn.held or b"", conn.held_raw or b""
         conn.held = conn.held_raw = None
         key = nick.casefold()
+        granted = isinstance(result, int) and result > 0
         if conn not in self.connections or conn.closing:
-            if result == 1:
+            if granted:
                 self._releases.append((key, member))
             return
         conn.handler = functools.partial(self._on_client_event, conn)
         self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
         if isinstance(result, BaseException):
             log("%s: nickname %s not checked with Redis (%s)" % (conn.address, nick, result))
-        elif result != 1 or key in self.users:
-            if result == 1:
+        elif not granted or key in self.users:
+            if granted:
                 self._releases.append((key, member))
             self._reject(
                 conn,
@@ -2256,6 +2288,8 @@ class SharedChatServer(ChatServer):
             )
             return
         self._members[key] = member
+        if granted:
+            self._others = max(result - len(self.users) - 1, 0)
         super()._join(conn, nick)
         replay = b"".join((held, conn.tail, raw))
         conn.tail = bytearray()
@@ -2274,7 +2308,7 @@ class SharedChatServer(ChatServer):
     def _rename(self, conn: Connection, old: str, new: str) -> None:
         member = self._member(new)
         if not self.shared_up:
-            self._renamed(conn, old, new, member, 1)
+            self._renamed(conn, old, new, member, None)
             return
         job = functools.partial(self.link.claim, new.casefold(), member)
         self.link.submit(job, functools.partial(self._renamed, conn, old, new, member))
@@ -2282,10 +2316,11 @@ class SharedChatServer(ChatServer):
     def _renamed(self, conn: Connection, old: str, new: str, member: str, result: Any) -> None:
         key = new.casefold()
         taken = self.users.get(key)
-        if conn not in self.users.values() or conn.nick != old or (taken and taken is not conn):
-            if result == 1 and self.shared_up:
+        present = self.users.get(conn.nick_key) is conn
+        if not present or conn.nick != old or (taken and taken is not conn):
+            if isinstance(result, int) and result > 0:
                 self._releases.append((key, member))
-            if conn.nick == old and conn in self.users.values():
+            if present and conn.nick == old:
                 self._tell(conn, 'Nickname not changed: "%s" is already in use' % new)
             return
         if result == 0:
@@ -2308,7 +2343,7 @@ class SharedChatServer(ChatServer):
         self.link.submit(self.link.who, functools.partial(self._who_done, conn, line))
 
     def _who_done(self, conn: Connection, line: str, result: Any) -> None:
-        if conn not in self.users.values():
+        if self.users.get(conn.nick_key) is not conn:
             return
         if isinstance(result, BaseException):
             ChatServer._cmd_who(self, conn, line)
@@ -2342,7 +2377,7 @@ class SharedChatServer(ChatServer):
         self.link.submit(job, functools.partial(self._msg_done, conn, parts[1]))
 
     def _msg_done(self, conn: Connection, nick: str, result: Any) -> None:
-        if conn not in self.users.values():
+        if self.users.get(conn.nick_key) is not conn:
             return
         if isinstance(result, bytes):
             self._deliver(conn, (result,))
@@ -2365,19 +2400,9 @@ class SharedChatServer(ChatServer):
     def _shutdown(self) -> None:
         names = [conn.nick or "" for conn in self.users.values()]
         super()._shutdown()
+        self._flush_shared()  # what is left, and every nickname given up
         if names and self.shared_up:
-            self._others = max(self._others - len(names), 0)
-            self._share(
-                SHARED_NOTICE,
-                (
-                    encode_frame(
-                        ("%s left the chat (%d online)" % (_names(names), self._others)).encode(
-                            "utf-8"
-                        )
-                    ),
-                ),
-            )
-        self._flush_shared()
+            self.link.submit(functools.partial(self.link.goodbye, names))
         self.link.stop(SHUTDOWN_GRACE)
 
 

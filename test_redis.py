@@ -27,7 +27,9 @@ from test_features import (
     PeerClosed,
     ServerProcess,
     User,
+    chat_payload,
     clean_env,
+    frame,
     history_begin,
 )
 
@@ -301,6 +303,42 @@ def test_history_comes_from_redis_after_every_server_restarts(redis_url, start_s
     assert got == [("alice", "early %d" % n) for n in range(3)] + [("* bob", "waves")]
     assert late.recv_service() == "--- end of earlier messages ---"
     late.close()
+
+
+def test_what_a_client_sends_with_its_nickname_waits_for_the_claim(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    bob = join(second, "bob")
+    eager = Peer(first.port)
+    eager.sock.sendall(
+        frame("eager")
+        + b"".join(frame(chat_payload("line %d" % n, "eager")) for n in range(5))
+        + frame("/who")
+    )
+    assert eager.recv_service().startswith("Welcome to selchat, eager!")
+    assert wait_service(eager, r"online: ")[0].startswith("2 users online: bob (on ")
+    assert [next_chat(bob)[1:] for _ in range(5)] == [("eager", "line %d" % n) for n in range(5)]
+    eager.close()
+
+
+def test_a_server_that_stops_says_goodbye_for_its_users(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    join(first, "alice")
+    bob = join(second, "bob")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=TIMEOUT) == 0
+    assert wait_service(bob, r"left")[0] == "alice left the chat (1 online)"
+    assert who(bob).startswith("1 user online: bob")
+    join(second, "alice")
+
+
+def test_a_plain_server_does_not_import_redis():
+    code = (
+        "import sys, selchat; server = selchat.ChatServer(selchat.ServerConfig("
+        "host='127.0.0.1', port=0)); server.listen(); "
+        "assert 'redis' not in sys.modules, 'redis imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(HERE), capture_output=True)
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------------------
