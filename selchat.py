@@ -36,8 +36,14 @@ What selchat does not do
 ------------------------
 It does not encrypt or authenticate: anyone who can reach the port can join
 under any free nickname and read the room. There are no accounts and no private
-rooms, and the history lives in the server's memory only: a restart forgets it.
+rooms, and the history lives in the server's memory only: a restart forgets it
+(unless the room is shared through Redis, below).
 Run it on networks you trust, or behind an ssh tunnel.
+
+Several servers can share one room through Redis (``server --redis URL``, the
+``redis`` package needed then only): messages, notices, nicknames, ``/who``,
+``/msg`` and the history span them all. A helper thread reads Redis and a
+second one writes to it, so the selector loop never waits on it.
 
 Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
 reader's time zone; without them the standard library's idea of local time is
@@ -1824,8 +1830,10 @@ class RedisLink:
         self._release = client.register_script(_RELEASE_SCRIPT)
         self._who = client.register_script(_WHO_SCRIPT)
         self._count = client.register_script(_COUNT_SCRIPT)
-        self._pubsub = self._subscribe()
+        # The history before the subscription: a message published in between
+        # may be missing from it, but is never in it twice.
         frames: list[bytes] = client.lrange(self.history_key, -history, -1) if history else []
+        self._pubsub = self._subscribe()
         return frames
 
     def start(self) -> None:
@@ -1899,7 +1907,9 @@ class RedisLink:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "message":
                         self._receive(message["data"])
-            except self._errors as exc:  # noqa: PERF203 - a reconnect loop, not a hot one
+            except Exception as exc:  # noqa: BLE001, PERF203 - the reader must outlive any error
+                if not isinstance(exc, self._errors):
+                    log("Redis: unexpected %s: %s" % (exc.__class__.__name__, exc))
                 if pubsub is not None:
                     self._post("down", _reason(exc))
                     try:
@@ -1951,6 +1961,9 @@ class RedisLink:
                 if not failing:
                     log("Redis: %s" % _reason(exc))
                 failing = True
+                result = exc
+            except Exception as exc:  # noqa: BLE001 - a dead writer would stall every join
+                log("Redis: unexpected %s: %s" % (exc.__class__.__name__, exc))
                 result = exc
             if done is not None:
                 self._post("done", (done, result))
@@ -3127,7 +3140,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the chat server",
         description="Run the chat server until Ctrl+C or SIGTERM.",
         epilog="example:\n  python selchat.py server --port 9009\n"
-        "  python selchat.py server --host 127.0.0.1 --port 0   # any free port",
+        "  python selchat.py server --host 127.0.0.1 --port 0   # any free port\n"
+        "  python selchat.py server --redis redis://redis-host:6379/0   # one room, many servers",
     )
     server.add_argument(
         "--host",

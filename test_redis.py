@@ -336,6 +336,28 @@ def test_what_a_client_sends_with_its_nickname_waits_for_the_claim(redis_url, st
     eager.close()
 
 
+def test_a_password_and_a_shared_room_go_together(redis_url, start_server, join):
+    first = start_server(redis_url, "--password", "sesame")
+    second = start_server(redis_url, "--password", "sesame")
+    bob = Peer(second.port)
+    bob.sock.sendall(frame("bob") + frame("sesame"))
+    assert bob.recv_service() == "Password required"
+    assert bob.recv_service().startswith("Welcome to selchat, bob!")
+    eager = Peer(first.port)
+    eager.send_frame("eager")
+    assert eager.recv_service() == "Password required"
+    eager.sock.sendall(frame("sesame") + frame(chat_payload("hi all", "eager")))
+    assert eager.recv_service().startswith("Welcome to selchat, eager!")
+    assert next_chat(bob)[1:] == ("eager", "hi all")
+    late = Peer(second.port)
+    late.send_frame("EAGER")
+    assert late.recv_service() == "Password required"
+    late.send_frame("sesame")
+    assert late.recv_service() == 'Nickname rejected: "EAGER" is already in use'
+    for peer in (late, eager, bob):
+        peer.close()
+
+
 def test_a_server_that_stops_says_goodbye_for_its_users(redis_url, start_server, join):
     first, second = start_server(redis_url), start_server(redis_url)
     join(first, "alice")
