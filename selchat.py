@@ -32,13 +32,22 @@ the history) and an action ``time "\\0" "* alice" "\\0" "waves"`` (to everyone).
 A client that knows only the seed's protocol shows both readably as they are.
 Their time is the server's clock, in UTC: the one thing the server writes.
 
+A server started with ``--password`` answers the nickname with the service
+message ``Password required``, and the client's next frame is the password.
+With ``--tls-cert`` the same frames travel inside TLS. Every limit (message
+size, queued output per client, clients at once, per address, time to send the
+nickname, messages per second) is an option with a default and a notice.
+
 What selchat does not do
 ------------------------
-It does not encrypt or authenticate: anyone who can reach the port can join
-under any free nickname and read the room. There are no accounts and no private
-rooms, and the history lives in the server's memory only: a restart forgets it
-(unless the room is shared through Redis, below).
-Run it on networks you trust, or behind an ssh tunnel.
+Without ``--tls-cert`` it does not encrypt, and without ``--password`` it does
+not authenticate: anyone who can reach the port can join under any free
+nickname and read the room. Even with both there are no accounts (one shared
+password, nicknames first come, first served) and no private rooms, and the
+history lives in the server's memory only: a restart forgets it (unless the
+room is shared through Redis, below). One server is one thread: it scales to
+thousands of users, not to more than one core; for more, several servers
+share one room through Redis.
 
 Several servers can share one room through Redis (``server --redis URL``, the
 ``redis`` package needed then only): messages, notices, nicknames, ``/who``,
@@ -951,11 +960,12 @@ class ChatServer:
             )
             return -1
         if conn.nick is None and length > MAX_HANDSHAKE_FRAME:
-            self._reject(
-                conn,
-                "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH,
-                "handshake frame of %d bytes" % length,
+            notice = (
+                "Protocol error: a password is at most %d bytes" % MAX_HANDSHAKE_FRAME
+                if conn.asked_nick is not None
+                else "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH
             )
+            self._reject(conn, notice, "handshake frame of %d bytes" % length)
             return -1
         if length > self.max_message:
             self._reject(
@@ -1181,6 +1191,7 @@ class ChatServer:
             )
         elif now - conn.warned_at >= 1.0:
             conn.warned_at = now
+            log("%s: over --rate, told to slow down" % conn.name)
             self._tell(
                 conn,
                 "Slow down: at most %g messages a second, bursts of %d; "
@@ -1494,7 +1505,9 @@ class ChatServer:
             if self.listener is not None:
                 self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         for conn in [c for c in self._waiting if now >= c.deadline]:
-            if conn.closing:
+            if conn.closing or conn.tls in (TLS_PEEK, TLS_HANDSHAKE):  # nothing to say to it
+                if not conn.closing:
+                    log("%s disconnected: handshake timeout" % conn.address)
                 self._destroy(conn)
             else:
                 self._waiting.discard(conn)
@@ -1519,8 +1532,11 @@ class ChatServer:
 
     def _drop_slow_reader(self, conn: Connection) -> None:
         # What is queued goes, but a frame already half sent is finished first,
-        # or the notice would land in the middle of it.
-        head = conn.out[0] if conn.partial else None
+        # or the notice would land in the middle of it; and a TLS write that
+        # must be repeated is repeated as it was, whole.
+        head = conn.tls_chunk if conn.tls_chunk is not None else None
+        if head is None and conn.partial:
+            head = conn.out[0]
         conn.out.clear()
         conn.out_size = 0
         if head is not None:

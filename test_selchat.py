@@ -303,8 +303,14 @@ class ServerProcess:
         return rc
 
     def stop(self):
+        # SIGINT first: the server shuts down at once when its peers are gone, and
+        # exiting normally lets coverage save what the subprocess ran.
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=TIMEOUT)
         self.reader.join(timeout=TIMEOUT)
         self.proc.stderr.close()
