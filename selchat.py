@@ -2243,7 +2243,9 @@ class SharedChatServer(ChatServer):
     def _join(self, conn: Connection, nick: str) -> bool:
         if not self.shared_up:  # claimed by the heartbeat once Redis is back
             self._members[nick.casefold()] = self._member(nick)
-            return super()._join(conn, nick)
+            joined = super()._join(conn, nick)
+            self._tell(conn, ROOM_DEGRADED)
+            return joined
         # Until Redis answers, what the client sends is held, not handled.
         conn.held = bytearray()
         conn.held_raw = bytearray()

@@ -398,11 +398,13 @@ def test_redis_restarted_mid_conversation(start_server, join):
         own.kill()
         for user in (alice, bob, carol):
             wait_service(user, DEGRADED)
-        # The local room keeps working.
+        # The local room keeps working, and a newcomer is told how things are.
         alice.send_chat("while down", nick="alice")
         assert next_chat(carol)[1:] == ("alice", "while down")
+        dave = join(second, "dave")
+        wait_service(dave, DEGRADED)
         own.start()
-        for user in (alice, bob, carol):
+        for user in (alice, bob, carol, dave):
             _, before = wait_service(user, BACK, timeout=20)
             assert not [p for p in before if DEGRADED.encode() in p], "degraded told twice"
         alice.send_chat("after", nick="alice")
@@ -418,7 +420,7 @@ def test_redis_restarted_mid_conversation(start_server, join):
         alice.send_chat("end", nick="alice")
         assert next_chat(bob)[1:] == ("alice", "end")
         # /who works again across servers, with the nicknames claimed again.
-        until(lambda: "3 users online" in who(bob), timeout=TIMEOUT)
+        until(lambda: "4 users online" in who(bob), timeout=TIMEOUT)
     finally:
         own.kill()
 
