@@ -1873,9 +1873,10 @@ class RedisLink:
         self._stopped.set()
         with self._jobs_ready:
             self._jobs_ready.notify()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
+        # Only the writer has something to finish; the reader (a daemon) sees
+        # the flag within a second, or goes with the process.
+        for thread in self._threads[1:]:
+            thread.join(timeout)
         for sock in self.wakeup:
             sock.close()
 
@@ -2246,7 +2247,10 @@ class SharedChatServer(ChatServer):
             joined = super()._join(conn, nick)
             self._tell(conn, ROOM_DEGRADED)
             return joined
-        # Until Redis answers, what the client sends is held, not handled.
+        # Until Redis answers, what the client sends is held, not handled. The
+        # nickname alone (without name_as) lets frames past the handshake's size
+        # limit while the hot path still does not know the sender.
+        conn.nick = nick
         conn.held = bytearray()
         conn.held_raw = bytearray()
         conn.handler = functools.partial(self._on_held_event, conn)

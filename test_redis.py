@@ -308,6 +308,8 @@ def test_history_comes_from_redis_after_every_server_restarts(redis_url, start_s
     bob.send_frame("/me waves")
     assert next_chat(bob)[1:] == ("* bob", "waves")
     assert next_chat(alice)[1:] == ("* bob", "waves")
+    alice.close()
+    bob.close()
     first.stop()
     second.stop()
     third = start_server(redis_url)
@@ -333,6 +335,17 @@ def test_what_a_client_sends_with_its_nickname_waits_for_the_claim(redis_url, st
     assert eager.recv_service().startswith("Welcome to selchat, eager!")
     assert wait_service(eager, r"online: ")[0].startswith("2 users online: bob (on ")
     assert [next_chat(bob)[1:] for _ in range(5)] == [("eager", "line %d" % n) for n in range(5)]
+    eager.close()
+
+
+def test_a_large_message_sent_with_the_nickname_waits_for_the_claim(redis_url, start_server, join):
+    first, second = start_server(redis_url), start_server(redis_url)
+    bob = join(second, "bob")
+    text = "y" * 900_000
+    eager = Peer(first.port)
+    eager.sock.sendall(frame("eager") + frame(chat_payload(text, "eager")))
+    assert eager.recv_service().startswith("Welcome to selchat, eager!")
+    assert next_chat(bob)[1:] == ("eager", text)
     eager.close()
 
 
@@ -403,6 +416,15 @@ def test_redis_restarted_mid_conversation(start_server, join):
         assert next_chat(carol)[1:] == ("alice", "while down")
         dave = join(second, "dave")
         wait_service(dave, DEGRADED)
+        # /who and /msg know only this server's users meanwhile; /nick still works.
+        dave.send_frame("/who")
+        assert wait_service(dave, r"online: ")[0].startswith("2 users online: bob (joined")
+        assert dave.recv_service().startswith("(The shared room is degraded")
+        dave.send_frame("/msg alice hello")
+        assert wait_service(dave, r"^Not sent")[0].startswith("Not sent: nobody called alice")
+        dave.send_frame("/nick david")
+        assert dave.recv_service() == "You are now known as david"
+        dave.nick = "david"
         own.start()
         for user in (alice, bob, carol, dave):
             _, before = wait_service(user, BACK, timeout=20)
