@@ -490,3 +490,31 @@ def test_an_unusable_redis_url_is_one_line_and_status_1(url, reason):
     assert "cannot use Redis at %s" % url in lines[0]
     assert reason in lines[0].lower() or reason in lines[0]
     assert "listening" not in result.stderr
+
+
+def test_what_comes_from_redis_is_checked_before_it_reaches_the_loop():
+    import selchat
+
+    link = selchat.RedisLink("redis://127.0.0.1:1/0", "unit")
+    other = b"0123456789abcdef"
+    good = frame("a notice")
+    try:
+        for data in (
+            b"N" + link.instance + good,  # our own, back from Redis
+            b"N" + other,  # nothing in it
+            b"X" + other + good,  # an unknown kind
+            b"N" + other + good[:-1],  # a frame cut short
+            b"N" + other + b"abc",  # not frames at all
+            b"C" + other + b"-1        x",  # a bad header
+            b"P" + other + good,  # a private message without its addressee
+        ):
+            link._receive(data)
+        assert not link.inbox
+        for data in (b"N" + other + good, b"P" + other + b"bob\0" + good):
+            link._receive(data)
+        assert [kind for kind, _ in link.inbox] == ["message", "message"]
+    finally:
+        for sock in link.wakeup:
+            sock.close()
+    assert selchat.split_frames(good + good, 0) == [0, len(good), 2 * len(good)]
+    assert selchat.split_frames(good + b"12", 0) is None
