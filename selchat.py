@@ -81,7 +81,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 __version__ = "1.0.0"
 
@@ -1365,7 +1365,7 @@ class ChatServer:
         self,
         buffers: Sequence[Buffer],
         sender: Connection | None = None,
-        skip: Iterable[Connection] = (),
+        skip: set[Connection] | None = None,
     ) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
         if self._joined:  # whoever joined this turn is announced before they speak
@@ -1373,10 +1373,9 @@ class ChatServer:
         size = sum(len(b) for b in buffers)
         dirty = self._dirty
         limit = self.max_queue
-        skipped = set(skip)
         single = buffers[0] if len(buffers) == 1 else None
         for conn in self.users.values():
-            if conn is sender or conn in skipped:
+            if conn is sender or (skip is not None and conn in skip):
                 continue
             out = conn.out
             if not out and not conn.dirty:
@@ -1486,12 +1485,12 @@ class ChatServer:
         online = self._online()
         if joined:
             names = _names([c.nick or "" for c in joined])
-            self._notice("%s joined the chat (%d online)" % (names, online), skip=joined)
+            self._notice("%s joined the chat (%d online)" % (names, online), skip=set(joined))
         if left:
             self._notice("%s left the chat (%d online)" % (_names(left), online))
 
     def _notice(
-        self, text: str, sender: Connection | None = None, skip: Iterable[Connection] = ()
+        self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
     ) -> None:
         """A service message about the room (joins, leaves, renames) for its users."""
         self._broadcast((encode_frame(text.encode("utf-8")),), sender, skip)
@@ -2132,7 +2131,7 @@ class SharedChatServer(ChatServer):
         self._share(SHARED_CHAT, frame)
 
     def _notice(
-        self, text: str, sender: Connection | None = None, skip: Iterable[Connection] = ()
+        self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
     ) -> None:
         frame = encode_frame(text.encode("utf-8"))
         self._broadcast((frame,), sender, skip)

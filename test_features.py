@@ -360,7 +360,11 @@ class PipedClient:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()  # SIGTERM: the client leaves cleanly
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=TIMEOUT)
         for thread in self.threads:
             thread.join(timeout=TIMEOUT)
@@ -418,6 +422,10 @@ def pty_client():
 
     yield spawn
     for child in children:
+        if child.isalive():
+            # SIGTERM first: the client leaves cleanly (and coverage keeps what it ran).
+            child.kill(signal.SIGTERM)
+            child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
         if child.isalive():
             child.terminate(force=True)
         try:

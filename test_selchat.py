@@ -421,7 +421,11 @@ class PipedClient:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()  # SIGTERM: the client leaves cleanly
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=TIMEOUT)
         for thread in self.threads:
             thread.join(timeout=TIMEOUT)
@@ -470,6 +474,10 @@ def pty_client():
 
     yield spawn
     for child in children:
+        if child.isalive():
+            # SIGTERM first: the client leaves cleanly (and coverage keeps what it ran).
+            child.kill(signal.SIGTERM)
+            child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
         if child.isalive():
             child.terminate(force=True)
         try:
@@ -1945,3 +1953,146 @@ def test_client_port_flag_wins_over_selchat_port(server, connect, piped_client):
         assert client.wait_exit() == 0
     assert bob.recv_service() == "alice joined the chat (2 online)"
     assert bob.recv_chat()[1:] == ("alice", "via flag")
+
+
+# ---------------------------------------------------------------------------
+# The command line: asking for a nickname, bad options, start-up failures
+# ---------------------------------------------------------------------------
+
+
+@needs_pty
+def test_client_asks_for_a_nickname_until_it_gets_a_valid_one(server, connect, pty_client):
+    bob = connect(server.port, "bob", online=1)
+    child = pty_client(server.port, None)
+    child.expect_exact(b"Nickname: ")
+    child.sendline(b"two words")
+    child.expect_exact(b"A nickname must not contain whitespace, control or format characters.")
+    child.expect_exact(b"Nickname: ")
+    child.sendline(b"carol")
+    child.expect_exact(welcome_text("carol", 2).encode())
+    assert bob.recv_service() == "carol joined the chat (2 online)"
+    child.sendline(b"<quit<")
+    assert wait_pty_exit(child) == 0
+
+
+def test_pipe_mode_without_nick_takes_the_first_line_as_the_nickname(server, connect, piped_client):
+    bob = connect(server.port, "bob", online=1)
+    client = piped_client("--host", "127.0.0.1", "--port", server.port)
+    client.write("carol\nhello from a script\n")
+    client.close_stdin()
+    assert client.wait_exit() == 0
+    assert bob.recv_service() == "carol joined the chat (2 online)"
+    assert bob.recv_chat()[1:] == ("carol", "hello from a script")
+
+
+def test_pipe_mode_with_an_invalid_first_line_nickname_exits_one_with_one_line(
+    server, piped_client
+):
+    client = piped_client("--host", "127.0.0.1", "--port", server.port)
+    client.write("two words\nhello\n")
+    client.close_stdin()
+    assert client.wait_exit() == 1
+    err = bytes(client.err).decode()
+    assert err.count("\n") == 1 and err.startswith("selchat: invalid nickname"), err
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["server", "--port", "70000"], "port must be 0 to 65535"),
+        (["server", "--port", "nine"], "is not a port number"),
+        (["server", "--max-message", "-1"], "must not be negative"),
+        (["server", "--max-queue", "lots"], "is not a whole number"),
+        (["server", "--rate", "-2"], "must not be negative"),
+        (["server", "--rate", "fast"], "is not a number"),
+        (["server", "--burst", "0"], "must be at least 1"),
+        (["server", "--handshake-timeout", "0"], "must be more than 0"),
+        (["server", "--handshake-timeout", "soon"], "is not a number of seconds"),
+        (["client", "--port", "-1"], "port must be 0 to 65535"),
+    ],
+)
+def test_bad_option_values_are_refused_with_a_clear_message(args, complaint):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=clean_env(),
+    )
+    assert done.returncode == 2
+    assert complaint in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def run_server_briefly(*args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "server", "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=clean_env(),
+    )
+
+
+@pytest.mark.parametrize(
+    "make_args, complaint",
+    [
+        (
+            lambda tmp: ["--password-file", str(tmp / "missing.txt")],
+            "cannot read the password file",
+        ),
+        (lambda tmp: ["--password-file", str(tmp / "empty.txt")], "is empty"),
+        (lambda tmp: ["--tls-key", str(tmp / "key.pem")], "--tls-key needs --tls-cert"),
+        (lambda tmp: ["--tls-cert", str(tmp / "missing.pem")], "cannot load the TLS certificate"),
+    ],
+)
+def test_server_start_up_failures_are_one_line_and_exit_one(tmp_path, make_args, complaint):
+    (tmp_path / "empty.txt").write_text("\n")
+    done = run_server_briefly(*make_args(tmp_path))
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and complaint in lines[0], done.stderr
+
+
+def test_server_on_a_port_in_use_says_so_and_exits_one():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "server", "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=clean_env(),
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_piped_client_keeps_under_the_servers_rate_so_nothing_is_dropped(
+    start_server, connect, piped_client
+):
+    server = start_server("--rate", "20", "--burst", "3")
+    bob = connect(server.port, "bob", online=1)
+    client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice")
+    client.write("".join("line %d\n" % i for i in range(12)))
+    client.close_stdin()
+    assert client.wait_exit() == 0
+    assert bob.recv_service() == "alice joined the chat (2 online)"
+    assert [bob.recv_chat()[2] for _ in range(12)] == ["line %d" % i for i in range(12)]
+    assert b"Slow down" not in client.out
+    assert "over --rate" not in server.log
+
+
+def test_a_large_frame_whose_header_came_in_pieces_is_read_whole(start_server, connect):
+    server = start_server(*NO_RATE_LIMIT)
+    alice = connect(server.port, "alice", online=1)
+    bob = connect(server.port, "bob", online=2)
+    text = "L" * 200_000
+    data = frame(chat_payload(text, nick="alice"))
+    alice.send_raw(data[:4])  # not even the whole header
+    assert alice.recv_service() == "bob joined the chat (2 online)"
+    alice.send_raw(data[4:70_000])
+    alice.send_raw(data[70_000:])
+    assert bob.recv_chat()[1:] == ("alice", text)
