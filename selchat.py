@@ -44,9 +44,15 @@ Without ``--tls-cert`` it does not encrypt, and without ``--password`` it does
 not authenticate: anyone who can reach the port can join under any free
 nickname and read the room. Even with both there are no accounts (one shared
 password, nicknames first come, first served) and no private rooms, and the
-history lives in the server's memory only: a restart forgets it. It is one
-room per server, and one thread: it scales to thousands of users, not to more
-than one core.
+history lives in the server's memory only: a restart forgets it (unless the
+room is shared through Redis, below). One server is one thread: it scales to
+thousands of users, not to more than one core; for more, several servers
+share one room through Redis.
+
+Several servers can share one room through Redis (``server --redis URL``, the
+``redis`` package needed then only): messages, notices, nicknames, ``/who``,
+``/msg`` and the history span them all. A helper thread reads Redis and a
+second one writes to it, so the selector loop never waits on it.
 
 Optional extras: ``pytz`` and ``tzlocal`` are used, when installed, to find the
 reader's time zone; without them the standard library's idea of local time is
@@ -508,6 +514,8 @@ class Connection:
         "eof",
         "flood_since",
         "handler",
+        "held",
+        "held_raw",
         "host",
         "joined",
         "large",
@@ -560,6 +568,9 @@ class Connection:
         self.flood_since = 0.0
         self.warned_at = -FLOOD_WINDOW  # last "slow down" notice
         self.joined = 0.0  # when the nickname was accepted (monotonic)
+        # With --redis, what arrives while Redis is asked about the nickname.
+        self.held: bytearray | None = None
+        self.held_raw: bytearray | None = None
 
     @property
     def name(self) -> str:
@@ -926,14 +937,7 @@ class ChatServer:
         is: one check covers them all. When it fails, the frames before the bad
         one still go out, and the sender is closed.
         """
-        good = stop
-        if not _utf8_valid(data, run, stop):
-            good = run
-            while good < stop:
-                end = good + HEADER_SIZE + parse_header(data[good : good + HEADER_SIZE])
-                if not _utf8_valid(data, good + HEADER_SIZE, end):
-                    break
-                good = end
+        good = stop if _utf8_valid(data, run, stop) else _utf8_frames_end(data, run, stop)
         if good > run:
             self._broadcast((memoryview(data)[run:good],), conn)
             if self.history_size:
@@ -1096,10 +1100,14 @@ class ChatServer:
             frame = (b"".join((frame_header(size), head, bytes(data[second + 1 : stop]))),)
         else:  # the text is shared by every receiver, never copied
             frame = (frame_header(size) + head, memoryview(data)[second + 1 : stop])
-        self._broadcast(frame, conn)
-        if self.history_size:
-            self._remember(HEADER_SIZE + size, frame)
+        self._relay_chat(frame, HEADER_SIZE + size, conn)
         return True
+
+    def _relay_chat(self, frame: tuple[Buffer, ...], size: int, sender: Connection | None) -> None:
+        """Send a chat message (or action) the server wrote to the room, and remember it."""
+        self._broadcast(frame, sender)
+        if self.history_size:
+            self._remember(size, frame)
 
     def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         try:
@@ -1126,6 +1134,10 @@ class ChatServer:
             self._tell(conn, PASSWORD_REQUEST)
             return True
         conn.asked_nick = None
+        return self._join(conn, nick)
+
+    def _join(self, conn: Connection, nick: str) -> bool:
+        """Admit a checked nickname: welcome, history, and a notice for the others."""
         self._waiting.discard(conn)
         conn.name_as(nick)
         self.users[conn.nick_key] = conn
@@ -1137,7 +1149,7 @@ class ChatServer:
         self._tell(
             conn,
             "Welcome to selchat, %s! %s online. Type %s to leave.%s"
-            % (nick, plural(len(self.users), "user"), QUIT_COMMAND, limit),
+            % (nick, plural(self._online(), "user"), QUIT_COMMAND, limit),
         )
         conn.joined = time.monotonic()
         self._replay_history(conn)
@@ -1269,14 +1281,15 @@ class ChatServer:
         if reason is not None:
             self._tell(conn, "Nickname not changed: %s" % reason.replace("'", '"'))
             return
+        self._rename(conn, old, new)
+
+    def _rename(self, conn: Connection, old: str, new: str) -> None:
         del self.users[conn.nick_key]
         conn.name_as(new)
         self.users[conn.nick_key] = conn
         self._tell(conn, RENAMED + new)
         if conn not in self._joined:  # otherwise the join notice names the new nickname
-            self._broadcast(
-                (encode_frame(("%s is now known as %s" % (old, new)).encode("utf-8")),), conn
-            )
+            self._notice("%s is now known as %s" % (old, new), conn)
         log("%s (%s) is now known as %s" % (old, conn.address, new))
 
     def _cmd_me(self, conn: Connection, line: str) -> None:
@@ -1287,9 +1300,7 @@ class ChatServer:
             return
         field = "%s %s" % (ACTION_MARK, conn.nick)
         frame = encode_frame("\0".join((utc_stamp(), field, parts[1])).encode("utf-8"))
-        self._broadcast((frame,))  # the sender too: the server wrote this line
-        if self.history_size:
-            self._remember(len(frame), (frame,))
+        self._relay_chat((frame,), len(frame), None)  # the sender too: the server wrote this line
 
     COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
         "/help": _cmd_help,
@@ -1471,14 +1482,21 @@ class ChatServer:
         joined = [c for c in self._joined if c.nick is not None and not c.closing]
         self._joined = []
         left, self._left = self._left, []
-        online = len(self.users)
+        online = self._online()
         if joined:
             names = _names([c.nick or "" for c in joined])
-            notice = "%s joined the chat (%d online)" % (names, online)
-            self._broadcast((encode_frame(notice.encode("utf-8")),), skip=set(joined))
+            self._notice("%s joined the chat (%d online)" % (names, online), skip=set(joined))
         if left:
-            notice = "%s left the chat (%d online)" % (_names(left), online)
-            self._broadcast((encode_frame(notice.encode("utf-8")),))
+            self._notice("%s left the chat (%d online)" % (_names(left), online))
+
+    def _notice(
+        self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
+    ) -> None:
+        """A service message about the room (joins, leaves, renames) for its users."""
+        self._broadcast((encode_frame(text.encode("utf-8")),), sender, skip)
+
+    def _online(self) -> int:
+        return len(self.users)
 
     def _housekeeping(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
@@ -1659,6 +1677,16 @@ def _would_block() -> tuple[type[BaseException], ...]:
 _WOULD_BLOCK = _would_block()
 
 
+def _utf8_frames_end(data: bytes, start: int, stop: int) -> int:
+    """Where the frames in data[start:stop] stop being UTF-8: the first bad one's start."""
+    while start < stop:
+        end = start + HEADER_SIZE + parse_header(data[start : start + HEADER_SIZE])
+        if not _utf8_valid(data, start + HEADER_SIZE, end):
+            break
+        start = end
+    return start
+
+
 def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
 
@@ -1703,6 +1731,713 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):
         pass
+
+
+# ---------------------------------------------------------------------------
+# The shared room: several servers, one Redis
+# ---------------------------------------------------------------------------
+
+DEFAULT_ROOM = "main"
+# A server's users stay claimed in Redis this long after its last heartbeat
+# (sent every third of it): a server that dies frees their nicknames by then.
+DEFAULT_REDIS_TTL = 30.0
+REDIS_TIMEOUT = 5.0
+# The Redis reader reconnects after this many seconds, doubling up to the maximum.
+REDIS_RETRY_FIRST = 0.5
+REDIS_RETRY_MAX = 10.0
+# How often the room's size is asked for (the count in join and leave notices).
+REDIS_COUNT_INTERVAL = 1.0
+# Output waiting for a slow Redis; past it a turn's batch is dropped (and logged).
+REDIS_MAX_BACKLOG = 64 << 20
+ROOM_DEGRADED = (
+    "The shared room is degraded: Redis cannot be reached, so messages reach only "
+    "the users of this server until it is back"
+)
+ROOM_BACK = "The shared room is back: messages reach the users of every server again"
+# What travels on the room's channel: one kind byte, the sending server's
+# instance id, then frames exactly as users receive them.
+SHARED_CHAT = b"C"  # chat messages and actions: shown and remembered
+SHARED_NOTICE = b"N"  # joins, leaves, renames: shown
+SHARED_PRIVATE = b"P"  # casefolded nickname, "\0", one private message frame
+INSTANCE_SIZE = 16
+
+# A nickname key holds its owner: "instance TAB server TAB nick TAB joined".
+# The same string is a member of the room's "who" sorted set, scored by when
+# the claim runs out (Redis's clock), so /who never lists a dead server's users.
+# Claiming answers 0 when someone else has the nickname, else how many users
+# the room has (the count in join and leave notices).
+_CLAIM_SCRIPT = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+redis.call('ZADD', KEYS[2], ms + ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('ZCARD', KEYS[2])
+"""
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+_COUNT_SCRIPT = """
+local now = redis.call('TIME')
+return redis.call('ZCOUNT', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000), '+inf')
+"""
+_WHO_SCRIPT = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now[1] * 1000 + math.floor(now[2] / 1000))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+class RedisLink:
+    """Two helper threads around Redis, so that the selector loop never waits on it.
+
+    The reader thread listens on the room's channel and reconnects with
+    backoff; the writer thread runs, in order, the jobs the loop hands it
+    (a turn's batch to publish, nickname claims, lookups). Both hand their
+    results to the loop through ``inbox`` and a byte on a socket pair that
+    the loop's selector watches. A failed job is never retried: a message
+    may be lost while Redis is away, but it is never delivered twice.
+    """
+
+    def __init__(self, url: str, room: str, ttl: float = DEFAULT_REDIS_TTL) -> None:
+        self.url = url
+        self.where = re.sub(r"//[^@/]*@", "//", url)  # no password in the log
+        self.ttl_ms = max(int(ttl * 1000), 1)
+        self.instance = os.urandom(INSTANCE_SIZE // 2).hex().encode("ascii")
+        self.channel = "selchat:%s" % room
+        self.prefix = "selchat:%s:" % room
+        self.who_key = self.prefix + "who"
+        self.history_key = self.prefix + "history"
+        self.inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self.wakeup = socket.socketpair()
+        for sock in self.wakeup:
+            sock.setblocking(False)
+        self._jobs: collections.deque[tuple[Callable[[Any], Any], Any, int]] = collections.deque()
+        self._jobs_ready = threading.Condition()
+        self._backlog = 0
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._redis: Any = None
+        self._client: Any = None  # the writer's
+        self._pubsub: Any = None  # the reader's
+        self._errors: tuple[type[BaseException], ...] = (OSError, ValueError)
+        self._claim: Any = None
+        self._release: Any = None
+        self._who: Any = None
+        self._count: Any = None
+
+    # -- in the main thread --------------------------------------------------
+
+    def connect(self, history: int) -> list[bytes]:
+        """Reach Redis, subscribe, and return the stored history; raises when it cannot."""
+        import redis
+
+        self._redis = redis
+        self._errors = (redis.RedisError, OSError, ValueError)
+        self._client = client = self._new_client()
+        client.ping()
+        self._claim = client.register_script(_CLAIM_SCRIPT)
+        self._release = client.register_script(_RELEASE_SCRIPT)
+        self._who = client.register_script(_WHO_SCRIPT)
+        self._count = client.register_script(_COUNT_SCRIPT)
+        # The history before the subscription: a message published in between
+        # may be missing from it, but is never in it twice.
+        frames: list[bytes] = client.lrange(self.history_key, -history, -1) if history else []
+        self._pubsub = self._subscribe()
+        return frames
+
+    def start(self) -> None:
+        for target, name in ((self._read, "redis-reader"), (self._write, "redis-writer")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, job: Callable[[Any], Any], done: Any = None, size: int = 0) -> bool:
+        """Queue ``job(client)`` for the writer; ``done(result)`` then runs in the loop."""
+        with self._jobs_ready:
+            if size and self._backlog + size > REDIS_MAX_BACKLOG:
+                return False
+            self._backlog += size
+            self._jobs.append((job, done, size))
+            self._jobs_ready.notify()
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """Let the writer finish what is queued (for ``timeout`` at most), then stop both."""
+        self._stopped.set()
+        with self._jobs_ready:
+            self._jobs_ready.notify()
+        # Only the writer has something to finish; the reader (a daemon) sees
+        # the flag within a second, or goes with the process.
+        for thread in self._threads[1:]:
+            thread.join(timeout)
+        for sock in self.wakeup:
+            sock.close()
+
+    # -- in the helper threads -----------------------------------------------
+
+    def _new_client(self) -> Any:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return self._redis.Redis.from_url(
+            self.url,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),  # a publish that may have gone out is not sent again
+        )
+
+    def _subscribe(self) -> Any:
+        pubsub = self._new_client().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel)
+        # Wait for the confirmation, so that nothing published after this is missed.
+        deadline = time.monotonic() + REDIS_TIMEOUT
+        while not pubsub.subscribed:
+            if time.monotonic() > deadline:
+                raise self._redis.TimeoutError("no answer to SUBSCRIBE")
+            pubsub.get_message(timeout=0.1)
+        return pubsub
+
+    def _post(self, kind: str, value: Any) -> None:
+        self.inbox.append((kind, value))
+        try:
+            self.wakeup[1].send(b"\0")
+        except OSError:  # full: the loop is being woken already (or is gone)
+            pass
+
+    def _read(self) -> None:
+        delay = REDIS_RETRY_FIRST
+        pubsub = self._pubsub
+        while not self._stopped.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._subscribe()
+                    self._post("up", None)
+                    delay = REDIS_RETRY_FIRST
+                while not self._stopped.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self._receive(message["data"])
+            except Exception as exc:  # noqa: BLE001, PERF203 - the reader must outlive any error
+                if not isinstance(exc, self._errors):
+                    log("Redis: unexpected %s: %s" % (exc.__class__.__name__, exc))
+                if pubsub is not None:
+                    self._post("down", _reason(exc))
+                    try:
+                        pubsub.close()
+                    except self._errors:
+                        pass
+                    pubsub = None
+                self._stopped.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, REDIS_RETRY_MAX)
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except self._errors:
+                pass
+
+    def _receive(self, data: bytes) -> None:
+        """Check a message from another server here, off the loop, and pass it on."""
+        if len(data) <= 1 + INSTANCE_SIZE or data[1 : 1 + INSTANCE_SIZE] == self.instance:
+            return
+        kind = data[:1]
+        start = 1 + INSTANCE_SIZE
+        if kind == SHARED_PRIVATE:
+            start = data.find(b"\0", start) + 1
+            if not start:
+                return
+        elif kind not in (SHARED_CHAT, SHARED_NOTICE):
+            return
+        try:
+            if split_frames(data, start) is None:
+                return
+        except ProtocolError:
+            return
+        self._post("message", data)
+
+    def _write(self) -> None:
+        failing = False
+        while True:
+            with self._jobs_ready:
+                while not self._jobs and not self._stopped.is_set():
+                    self._jobs_ready.wait()
+                if not self._jobs:
+                    return
+                job, done, size = self._jobs.popleft()
+                self._backlog -= size
+            try:
+                result = job(self._client)
+                failing = False
+            except self._errors as exc:
+                if not failing:
+                    log("Redis: %s" % _reason(exc))
+                failing = True
+                result = exc
+            except Exception as exc:  # noqa: BLE001 - a dead writer would stall every join
+                log("Redis: unexpected %s: %s" % (exc.__class__.__name__, exc))
+                result = exc
+            if done is not None:
+                self._post("done", (done, result))
+
+    # -- jobs (run by the writer) --------------------------------------------
+
+    def nick_key(self, key: str) -> str:
+        return self.prefix + "nick:" + key
+
+    def claim(self, key: str, member: str, client: Any) -> int:
+        return int(self._claim(keys=[self.nick_key(key), self.who_key], args=[member, self.ttl_ms]))
+
+    def heartbeat(self, members: list[tuple[str, str]], client: Any) -> tuple[list[str], int]:
+        """Refresh (or claim again) every local user; return the lost ones and the room's size."""
+        pipe = client.pipeline(transaction=False)
+        for key, member in members:
+            self._claim(
+                keys=[self.nick_key(key), self.who_key], args=[member, self.ttl_ms], client=pipe
+            )
+        self._who(keys=[self.who_key], client=pipe)
+        results = pipe.execute()
+        lost = [key for (key, _), ok in zip(members, results) if not ok]
+        return lost, len(results[-1])
+
+    def who(self, client: Any) -> list[str]:
+        return [member.decode("utf-8", "replace") for member in self._who(keys=[self.who_key])]
+
+    def count(self, client: Any) -> int:
+        return int(self._count(keys=[self.who_key]))
+
+    def goodbye(self, names: list[str], client: Any) -> None:
+        """Tell the other servers that this one's users left, as it stops."""
+        text = "%s left the chat (%d online)" % (_names(names), self.count(client))
+        message = b"".join((SHARED_NOTICE, self.instance, encode_frame(text.encode("utf-8"))))
+        client.publish(self.channel, message)
+
+    def reset(self, client: Any) -> None:
+        """Drop connections that died with the last Redis (a command is never retried)."""
+        client.connection_pool.disconnect()
+
+    def publish(
+        self,
+        batch: list[tuple[bytes, list[Buffer]]],
+        releases: list[tuple[str, str]],
+        history: int,
+        client: Any,
+    ) -> None:
+        """One turn's output in one round trip: messages, history, nicknames given up."""
+        pipe = client.pipeline(transaction=False)
+        remembered: list[bytes] = []
+        for kind, buffers in batch:
+            body = b"".join(buffers)
+            pipe.publish(self.channel, b"".join((kind, self.instance, body)))
+            if kind == SHARED_CHAT and history:
+                starts = split_frames(body, 0) or []
+                remembered.extend(body[a:b] for a, b in zip(starts, starts[1:]))
+        if remembered:
+            pipe.rpush(self.history_key, *remembered[-history:])
+            pipe.ltrim(self.history_key, -history, -1)
+        for key, member in releases:
+            self._release(keys=[self.nick_key(key), self.who_key], args=[member], client=pipe)
+        pipe.execute()
+
+    def private(self, key: str, sender: str, text: str, client: Any) -> bytes | None:
+        """Send a private message to a user on another server; None when nobody has that name."""
+        owner = client.get(self.nick_key(key))
+        if owner is None:
+            return None
+        nick = owner.decode("utf-8", "replace").split("\t")[2]
+        field = "%s %s -> %s" % (PRIVATE_MARK, sender, nick)
+        frame = encode_frame("\0".join((utc_stamp(), field, text)).encode("utf-8"))
+        client.publish(
+            self.channel,
+            b"".join((SHARED_PRIVATE, self.instance, key.encode("utf-8"), b"\0", frame)),
+        )
+        return frame
+
+
+def split_frames(data: bytes, start: int) -> list[int] | None:
+    """The offsets where the frames in data[start:] begin, and its end; None if it is not frames."""
+    starts = []
+    end = len(data)
+    while start < end:
+        starts.append(start)
+        if end - start < HEADER_SIZE:
+            return None
+        start += HEADER_SIZE + parse_header(data[start : start + HEADER_SIZE])
+    if start != end:
+        return None
+    starts.append(end)
+    return starts
+
+
+class SharedChatServer(ChatServer):
+    """A ChatServer whose room is shared through Redis with other servers.
+
+    Without --redis none of this runs: the plain ChatServer's hot path is the
+    same. Here every message the room sees is also queued for Redis, and sent
+    once per turn of the loop by the writer thread.
+    """
+
+    def __init__(self, config: ServerConfig, link: RedisLink, history: list[bytes]) -> None:
+        super().__init__(config)
+        self.link = link
+        self.shared_up = True
+        self.label = ""  # host:port, shown in /who
+        self._outbox: list[tuple[bytes, list[Buffer]]] = []
+        self._releases: list[tuple[str, str]] = []
+        self._members: dict[str, str] = {}  # casefolded nickname -> its claim
+        self._others = 0  # users on other servers, as of the last heartbeat
+        self._next_heartbeat = 0.0
+        self._next_count = 0.0
+        for frame in history[-self.history_size :] if self.history_size else ():
+            self._remember(len(frame), (frame,))
+
+    def listen(self) -> tuple[str, int]:
+        host, port = super().listen()
+        self.label = "%s:%d" % (socket.gethostname(), port)
+        return host, port
+
+    def serve_forever(self) -> None:
+        if self.listener is None:
+            self.listen()
+        self.selector.register(self.link.wakeup[0], selectors.EVENT_READ, self._on_inbox)
+        self.link.start()
+        log("sharing the room %r through Redis at %s" % (self.link.channel[8:], self.link.where))
+        super().serve_forever()
+
+    # -- what the room sees goes to Redis too ------------------------------
+
+    def _share(self, kind: bytes, buffers: Sequence[Buffer]) -> None:
+        if not self.shared_up:
+            return
+        outbox = self._outbox
+        if outbox and outbox[-1][0] == kind and kind == SHARED_CHAT:
+            outbox[-1][1].extend(buffers)
+        else:
+            outbox.append((kind, list(buffers)))
+
+    def _relay_run(self, conn: Connection, data: bytes, run: int, stop: int) -> bool:
+        whole = super()._relay_run(conn, data, run, stop)
+        good = stop if whole else _utf8_frames_end(data, run, stop)
+        if good > run:
+            self._share(SHARED_CHAT, (memoryview(data)[run:good],))
+        return whole
+
+    def _relay_chat(self, frame: tuple[Buffer, ...], size: int, sender: Connection | None) -> None:
+        super()._relay_chat(frame, size, sender)
+        self._share(SHARED_CHAT, frame)
+
+    def _notice(
+        self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
+    ) -> None:
+        frame = encode_frame(text.encode("utf-8"))
+        self._broadcast((frame,), sender, skip)
+        self._share(SHARED_NOTICE, (frame,))
+
+    def _online(self) -> int:
+        return len(self.users) + (self._others if self.shared_up else 0)
+
+    def _end_of_turn(self) -> None:
+        super()._end_of_turn()
+        if self._outbox or self._releases:
+            self._flush_shared()
+
+    def _flush_shared(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        releases, self._releases = self._releases, []
+        if not self.shared_up:  # what Redis holds for us runs out with its TTL
+            return
+        size = sum(len(buffer) for _, buffers in outbox for buffer in buffers)
+        job = functools.partial(self.link.publish, outbox, releases, self.history_size)
+        if not self.link.submit(job, size=size):
+            log("Redis is not keeping up: %d bytes not shared" % size)
+
+    def _housekeeping(self, now: float) -> None:
+        super()._housekeeping(now)
+        if not self.shared_up:
+            return
+        if now >= self._next_heartbeat:
+            self._heartbeat(now)
+        elif now >= self._next_count:
+            self._next_count = now + REDIS_COUNT_INTERVAL
+            self.link.submit(self.link.count, self._counted)
+
+    def _counted(self, result: Any) -> None:
+        if isinstance(result, int):
+            self._others = max(result - len(self.users), 0)
+
+    def _heartbeat(self, now: float) -> None:
+        self._next_heartbeat = now + self.link.ttl_ms / 3000.0
+        self._next_count = now + REDIS_COUNT_INTERVAL
+        members = list(self._members.items())
+        self.link.submit(functools.partial(self.link.heartbeat, members), self._heartbeat_done)
+
+    def _heartbeat_done(self, result: Any) -> None:
+        if isinstance(result, BaseException):
+            return
+        lost, room = result
+        for key in lost:
+            log("%s: the nickname is in use on another server too" % key)
+        self._others = max(room - len(self.users), 0)
+
+    # -- what other servers send -----------------------------------------
+
+    def _on_inbox(self, mask: int) -> None:
+        try:
+            self.link.wakeup[0].recv(65536)
+        except OSError:
+            pass
+        inbox = self.link.inbox
+        while inbox:
+            kind, value = inbox.popleft()
+            if kind == "message":
+                self._from_other_server(value)
+            elif kind == "done":
+                done, result = value
+                done(result)
+            elif kind == "down":
+                self._room_down(value)
+            elif kind == "up":
+                self._room_up()
+
+    def _from_other_server(self, data: bytes) -> None:
+        kind = data[:1]
+        start = 1 + INSTANCE_SIZE
+        if kind == SHARED_PRIVATE:
+            split = data.index(b"\0", start)
+            target = self.users.get(data[start:split].decode("utf-8", "replace"))
+            if target is not None:
+                self._deliver(target, (data[split + 1 :],))
+            return
+        if self._joined:  # ours who joined this turn are announced first, as locally
+            self._announce()
+        self._broadcast((memoryview(data)[start:],))
+        if kind == SHARED_CHAT and self.history_size:
+            self._remember_run(data, start, len(data))
+
+    def _room_down(self, why: str) -> None:
+        if not self.shared_up:
+            return
+        self.shared_up = False
+        self._outbox = []
+        log("Redis at %s lost (%s): the room is local until it is back" % (self.link.where, why))
+        self._broadcast((encode_frame(ROOM_DEGRADED.encode("utf-8")),))
+
+    def _room_up(self) -> None:
+        if self.shared_up:
+            return
+        self.shared_up = True
+        log("Redis at %s is back: the room is shared again" % self.link.where)
+        self._broadcast((encode_frame(ROOM_BACK.encode("utf-8")),))
+        self.link.submit(self.link.reset)
+        self._heartbeat(self._now)  # claims again the nicknames taken meanwhile
+
+    # -- nicknames are claimed in Redis before they are given --------------
+
+    def _member(self, nick: str) -> str:
+        return "%s\t%s\t%s\t%d" % (self.link.instance.decode(), self.label, nick, int(time.time()))
+
+    def _join(self, conn: Connection, nick: str) -> bool:
+        if not self.shared_up:  # claimed by the heartbeat once Redis is back
+            self._members[nick.casefold()] = self._member(nick)
+            joined = super()._join(conn, nick)
+            self._tell(conn, ROOM_DEGRADED)
+            return joined
+        # Until Redis answers, what the client sends is held, not handled. The
+        # nickname alone (without name_as) lets frames past the handshake's size
+        # limit while the hot path still does not know the sender.
+        conn.nick = nick
+        conn.held = bytearray()
+        conn.held_raw = bytearray()
+        conn.handler = functools.partial(self._on_held_event, conn)
+        self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0))
+        member = self._member(nick)
+        job = functools.partial(self.link.claim, nick.casefold(), member)
+        self.link.submit(job, functools.partial(self._claimed, conn, nick, member))
+        return True
+
+    def _handle_frame(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
+        held = conn.held
+        if held is None:
+            return super()._handle_frame(conn, data, start, stop)
+        held += frame_header(stop - start)
+        held += memoryview(data)[start:stop]
+        return self._held_within_limit(conn)
+
+    def _held_within_limit(self, conn: Connection) -> bool:
+        size = len(conn.held or b"") + len(conn.held_raw or b"")
+        if size <= self.max_message + RECV_SIZE:
+            return True
+        self._reject(
+            conn,
+            "Disconnected: too much sent before the nickname was accepted",
+            "input over the limit while the nickname was claimed",
+        )
+        return False
+
+    def _on_held_event(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._send(conn)
+        if not mask & selectors.EVENT_READ or conn not in self.connections:
+            return
+        try:
+            if conn.large is not None:
+                self._receive_large(conn)
+                return
+            data = conn.sock.recv(RECV_SIZE)
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self._lost(conn, "connection error: %s" % _reason(exc))
+            return
+        if not data:
+            self._peer_closed(conn)
+        elif not conn.closing and conn.held_raw is not None:
+            conn.held_raw += data
+            self._held_within_limit(conn)
+
+    def _claimed(self, conn: Connection, nick: str, member: str, result: Any) -> None:
+        held, raw = conn.held or b"", conn.held_raw or b""
+        conn.held = conn.held_raw = None
+        key = nick.casefold()
+        granted = isinstance(result, int) and result > 0
+        if conn not in self.connections or conn.closing:
+            if granted:
+                self._releases.append((key, member))
+            return
+        conn.handler = functools.partial(self._on_client_event, conn)
+        self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+        if isinstance(result, BaseException):
+            log("%s: nickname %s not checked with Redis (%s)" % (conn.address, nick, result))
+        elif not granted or key in self.users:
+            if granted:
+                self._releases.append((key, member))
+            self._reject(
+                conn,
+                'Nickname rejected: "%s" is already in use' % nick,
+                "nickname rejected: %r is in use on another server" % nick,
+            )
+            return
+        self._members[key] = member
+        if granted:
+            self._others = max(result - len(self.users) - 1, 0)
+        super()._join(conn, nick)
+        replay = b"".join((held, conn.tail, raw))
+        conn.tail = bytearray()
+        if replay:
+            self._consume(conn, replay)
+        if conn in self.connections and conn.tls == TLS_ON:
+            self._receive(conn)  # TLS may hold decrypted input that select() does not see
+
+    def _leave_room(self, conn: Connection, why: str) -> None:
+        if conn.nick is not None and self.users.get(conn.nick_key) is conn:
+            member = self._members.pop(conn.nick_key, None)
+            if member is not None:
+                self._releases.append((conn.nick_key, member))
+        super()._leave_room(conn, why)
+
+    def _rename(self, conn: Connection, old: str, new: str) -> None:
+        member = self._member(new)
+        if not self.shared_up:
+            self._renamed(conn, old, new, member, None)
+            return
+        job = functools.partial(self.link.claim, new.casefold(), member)
+        self.link.submit(job, functools.partial(self._renamed, conn, old, new, member))
+
+    def _renamed(self, conn: Connection, old: str, new: str, member: str, result: Any) -> None:
+        key = new.casefold()
+        taken = self.users.get(key)
+        present = self.users.get(conn.nick_key) is conn
+        if not present or conn.nick != old or (taken and taken is not conn):
+            if isinstance(result, int) and result > 0:
+                self._releases.append((key, member))
+            if present and conn.nick == old:
+                self._tell(conn, 'Nickname not changed: "%s" is already in use' % new)
+            return
+        if result == 0:
+            self._tell(conn, 'Nickname not changed: "%s" is already in use' % new)
+            return
+        previous = self._members.pop(conn.nick_key, None)
+        if previous is not None and self.shared_up:
+            self._releases.append((conn.nick_key, previous))
+        self._members[key] = member
+        super()._rename(conn, old, new)
+
+    # -- commands that ask Redis -------------------------------------------
+
+    def _cmd_who(self, conn: Connection, line: str) -> None:
+        """/who: who is online, on which server, and since when"""
+        if not self.shared_up:
+            ChatServer._cmd_who(self, conn, line)
+            self._tell(conn, "(The shared room is degraded: only this server's users are listed)")
+            return
+        self.link.submit(self.link.who, functools.partial(self._who_done, conn, line))
+
+    def _who_done(self, conn: Connection, line: str, result: Any) -> None:
+        if self.users.get(conn.nick_key) is not conn:
+            return
+        if isinstance(result, BaseException):
+            ChatServer._cmd_who(self, conn, line)
+            return
+        now = time.time()
+        users = []
+        for member in result:
+            parts = member.split("\t")
+            if len(parts) == 4 and parts[3].isdigit():
+                users.append((parts[2].casefold(), parts[2], parts[1], now - int(parts[3])))
+        users.sort()
+        self._tell(
+            conn,
+            "%s online: %s"
+            % (
+                plural(len(users), "user"),
+                ", ".join(
+                    "%s (on %s, joined %s ago)" % (nick, server, duration(ago))
+                    for _, nick, server, ago in users
+                ),
+            ),
+        )
+
+    def _cmd_msg(self, conn: Connection, line: str) -> None:
+        """/msg NICK TEXT: a private message to NICK alone"""
+        parts = line.split(None, 2)
+        if len(parts) < 3 or parts[1].casefold() in self.users or not self.shared_up:
+            ChatServer._cmd_msg(self, conn, line)
+            return
+        job = functools.partial(self.link.private, parts[1].casefold(), conn.nick or "", parts[2])
+        self.link.submit(job, functools.partial(self._msg_done, conn, parts[1]))
+
+    def _msg_done(self, conn: Connection, nick: str, result: Any) -> None:
+        if self.users.get(conn.nick_key) is not conn:
+            return
+        if isinstance(result, bytes):
+            self._deliver(conn, (result,))
+        elif result is None:
+            self._tell(
+                conn,
+                "Not sent: nobody called %s is online (/who lists who is)" % nick[:MAX_NICK_LENGTH],
+            )
+        else:
+            self._tell(conn, "Not sent: the shared room cannot be reached now")
+
+    COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
+        **ChatServer.COMMANDS,
+        "/who": _cmd_who,  # type: ignore[dict-item]
+        "/msg": _cmd_msg,  # type: ignore[dict-item]
+    }
+
+    # -- closing -----------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        names = [conn.nick or "" for conn in self.users.values()]
+        super()._shutdown()
+        self._flush_shared()  # what is left, and every nickname given up
+        if names and self.shared_up:
+            self.link.submit(functools.partial(self.link.goodbye, names))
+        self.link.stop(SHUTDOWN_GRACE)
 
 
 # ---------------------------------------------------------------------------
@@ -2426,7 +3161,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the chat server",
         description="Run the chat server until Ctrl+C or SIGTERM.",
         epilog="example:\n  python selchat.py server --port 9009\n"
-        "  python selchat.py server --host 127.0.0.1 --port 0   # any free port",
+        "  python selchat.py server --host 127.0.0.1 --port 0   # any free port\n"
+        "  python selchat.py server --redis redis://redis-host:6379/0   # one room, many servers",
     )
     server.add_argument(
         "--host",
@@ -2526,6 +3262,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="chat messages replayed to a newcomer, 0 for none (default: %d)" % DEFAULT_HISTORY,
     )
+    server.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share the room with every server started with the same Redis "
+        "(redis://HOST:6379/0) and --room; needs the redis package",
+    )
+    server.add_argument(
+        "--room",
+        default=DEFAULT_ROOM,
+        metavar="NAME",
+        help="with --redis: the shared room's name (default: %s)" % DEFAULT_ROOM,
+    )
+    server.add_argument(
+        "--redis-ttl",
+        type=_seconds,
+        default=DEFAULT_REDIS_TTL,
+        metavar="SECONDS",
+        help="with --redis: how long the nicknames of a server that died stay "
+        "taken (default: %g)" % DEFAULT_REDIS_TTL,
+    )
 
     client = commands.add_parser(
         "client",
@@ -2620,6 +3376,11 @@ def run_server(args: argparse.Namespace) -> int:
         history=args.history,
     )
     server = ChatServer(config)
+    if args.redis:
+        shared = _connect_redis(args, config)
+        if shared is None:
+            return 1
+        server = shared
     try:
         server.listen()
     except OSError as exc:
@@ -2627,6 +3388,22 @@ def run_server(args: argparse.Namespace) -> int:
         return 1
     server.serve_forever()
     return 0
+
+
+def _connect_redis(args: argparse.Namespace, config: ServerConfig) -> SharedChatServer | None:
+    """The server of a room shared through Redis, or None after saying why it cannot be."""
+    try:
+        import redis
+    except ImportError:
+        log("--redis needs the redis package: pip install redis (or: pip install 'selchat[redis]')")
+        return None
+    link = RedisLink(args.redis, args.room, args.redis_ttl)
+    try:
+        history = link.connect(args.history)
+    except (redis.RedisError, OSError, ValueError) as exc:
+        log("cannot use Redis at %s: %s" % (link.where, _reason(exc)))
+        return None
+    return SharedChatServer(config, link, history)
 
 
 def _ask_nick() -> str | None:
