@@ -81,7 +81,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 __version__ = "1.0.0"
 
@@ -3087,21 +3087,25 @@ def use_color(no_color_flag: bool, stream: Any = None) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
+_Number = TypeVar("_Number", int, float)
+
+
+def _convert(text: str, convert: Callable[[str], _Number], what: str) -> _Number:
     try:
-        port = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text) from None
+        raise argparse.ArgumentTypeError("%r is not %s" % (text, what)) from None
+
+
+def _port(text: str) -> int:
+    port = _convert(text, int, "a port number")
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError("port must be 0 to 65535")
     return port
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    value = _convert(text, int, "a whole number")
     if value < 0:
         raise argparse.ArgumentTypeError("must not be negative")
     return value
@@ -3115,20 +3119,14 @@ def _positive(text: str) -> int:
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-    if not value >= 0:
+    value = _convert(text, float, "a number")
+    if not value >= 0:  # also refuses NaN
         raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number of seconds" % text) from None
+    value = _convert(text, float, "a number of seconds")
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
