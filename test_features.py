@@ -1296,7 +1296,8 @@ def test_client_keeps_trying_while_its_nick_is_still_taken(start_server, join, p
 
 
 @needs_pty
-def test_client_leaves_with_quit_while_reconnecting(start_server, pty_client, proxy):
+@pytest.mark.parametrize("keys", [b"<quit<\r", b"\x03"], ids=["quit", "ctrl-c"])
+def test_client_leaves_with_status_zero_while_reconnecting(start_server, pty_client, proxy, keys):
     server = start_server()
     relay = proxy(server.port)
     child = pty_client(relay.port, "alice")
@@ -1304,21 +1305,7 @@ def test_client_leaves_with_quit_while_reconnecting(start_server, pty_client, pr
     relay.stop_listening()
     relay.cut()
     child.expect_exact(b"Reconnecting in")
-    child.sendline(b"<quit<")
-    assert wait_pty_exit(child, timeout=5) == 0
-    assert b"Traceback" not in pty_output(child)
-
-
-@needs_pty
-def test_client_ctrl_c_while_reconnecting_exits_zero(start_server, pty_client, proxy):
-    server = start_server()
-    relay = proxy(server.port)
-    child = pty_client(relay.port, "alice")
-    joined(child)
-    relay.stop_listening()
-    relay.cut()
-    child.expect_exact(b"Reconnecting in")
-    child.send(b"\x03")
+    child.send(keys)
     assert wait_pty_exit(child, timeout=5) == 0
     assert b"Traceback" not in pty_output(child)
 
