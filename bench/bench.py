@@ -8,6 +8,10 @@ used for the optional chart.
 
 Servers (``--servers``):
   selchat   ../selchat.py server (the thing being measured)
+  selchat-nagle
+            the same server run through bench/nagle.py, which leaves Nagle's
+            algorithm on (selchat sets TCP_NODELAY): fan-out and latency only,
+            to measure that decision both ways
   asyncio   bench/ref_server.py: the idiomatic asyncio-streams server a Python
             programmer would write instead (same protocol and texts)
   ncat      ``ncat --chat`` (nmap's ncat, C, line protocol), when installed;
@@ -906,9 +910,9 @@ class Server:
 
     def command(self, max_clients):
         py = sys.executable
-        if self.name == "selchat":
-            cmd = [
-                py,
+        if self.name in ("selchat", "selchat-nagle"):
+            cmd = [py, os.path.join(HERE, "nagle.py")] if self.name == "selchat-nagle" else [py]
+            cmd += [
                 self.opts.selchat,
                 "server",
                 "--host",
@@ -1695,6 +1699,22 @@ def target_lines(results, sizes):
                 "latency %d/s: a never-reading client changes selchat's p99 by %+.0f%% "
                 "(target within 20%%): %s" % (rate, 100 * change, ok(abs(change) <= 0.2))
             )
+    nagle = results.get("selchat-nagle", {})
+    for key in ["fanout_%dx%d" % k for k in sizes["fanout"]]:
+        a, b = sel.get(key), nagle.get(key)
+        if a and b and "rate" in a and "rate" in b:
+            lines.append(
+                "TCP_NODELAY, %s: %s deliveries/s with it, %s with Nagle on (%+.0f%%)"
+                % (key, fmt_rate(a["rate"]), fmt_rate(b["rate"]), 100 * (a["rate"] / b["rate"] - 1))
+            )
+    for rate, _nr in sizes["latency"]:
+        key = "latency_%d" % rate
+        a, b = sel.get(key), nagle.get(key)
+        if a and b and "p99" in a and "p99" in b:
+            lines.append(
+                "TCP_NODELAY, %s: p50/p99 %s/%s ms with it, %s/%s ms with Nagle on"
+                % (key, fmt_ms(a["p50"]), fmt_ms(a["p99"]), fmt_ms(b["p50"]), fmt_ms(b["p99"]))
+            )
     for clients in sizes["capacity"]:
         key = "capacity_%d" % clients
         a, b = sel.get(key), ref.get(key)
@@ -1794,7 +1814,7 @@ def main():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--servers", default="selchat,asyncio,ncat")
+    parser.add_argument("--servers", default="selchat,selchat-nagle,asyncio,ncat")
     parser.add_argument("--scenarios", default="fanout,latency,capacity,big")
     parser.add_argument(
         "--duration",
@@ -1874,10 +1894,10 @@ def main():
         if name == "ncat" and shutil.which("ncat") is None:
             note("ncat is not installed: skipped (apt-get install ncat)")
             continue
-        if name == "selchat" and not os.path.exists(opts.selchat):
-            note("%s not found: selchat skipped" % opts.selchat)
+        if name.startswith("selchat") and not os.path.exists(opts.selchat):
+            note("%s not found: %s skipped" % (opts.selchat, name))
             continue
-        if name not in ("selchat", "asyncio", "ncat"):
+        if name not in ("selchat", "selchat-nagle", "asyncio", "ncat"):
             parser.error("unknown server %r" % name)
         servers.append(name)
     scenarios = [s.strip() for s in opts.scenarios.split(",")]
@@ -1962,6 +1982,8 @@ def main():
                         )
             elif name == "ncat":
                 continue  # a line protocol without nicknames or framing
+            elif name == "selchat-nagle":
+                continue  # Nagle only matters to small writes: fan-out and latency
             elif scenario == "capacity":
                 for clients in sizes["capacity"]:
                     record(name, "capacity_%d" % clients, scenario_capacity, clients)
