@@ -1923,6 +1923,10 @@ def main():
             "warning: load average %.2f before the run: other work on this machine will "
             "distort the figures" % load[0]
         )
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background by a shell: SIGINT is ignored, and the
+        # servers would inherit that (ncat has no handler of its own to undo it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     mp.set_start_method("fork")
     results = {s: {} for s in servers}
     exits = []
