@@ -73,6 +73,7 @@ import itertools
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -134,6 +135,8 @@ CLIENT_MAX_FRAME = 256 << 20
 CONNECT_TIMEOUT = 15.0
 LISTEN_BACKLOG = 4096
 HOUSEKEEPING_INTERVAL = 0.25
+LOG_EXIT_WAIT = 1.0  # seconds the last log lines may wait for stderr at exit
+LOG_HELD = 10000  # log lines held while stderr takes nothing (pipe unread, Ctrl+S)
 # Join and leave notices are coalesced per turn of the event loop; at most this
 # many names are spelled out in one notice.
 NOTICE_NAMES = 10
@@ -428,10 +431,59 @@ def duration(seconds: float) -> str:
     return "%d d %d h" % (days, hours % 24)
 
 
+# The server's log must never stop the server: stderr may be a pipe that nobody
+# reads or a terminal stopped with Ctrl+S, where a plain write() would block
+# the one thread until someone reads. What stderr cannot take at once is held
+# here (up to LOG_HELD lines, the oldest dropped and counted) and written as
+# soon as it can take it.
+_log_held: collections.deque[str] = collections.deque()
+_log_dropped = 0
+
+
 def log(message: str) -> None:
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    global _log_dropped
+    line = "%s selchat: %s\n" % (dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), message)
+    if not _log_held and _stderr_ready(0.0):
+        _write_log(line)
+        return
+    if len(_log_held) >= LOG_HELD:
+        _log_held.popleft()
+        _log_dropped += 1
+    _log_held.append(line)
+
+
+def flush_log(timeout: float = 0.0) -> None:
+    """Write what the log holds, as far as stderr takes it within timeout seconds."""
+    global _log_dropped
+    deadline = time.monotonic() + timeout
+    while _log_held and _stderr_ready(max(deadline - time.monotonic(), 0.0)):
+        if _log_dropped:
+            stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+            _write_log(
+                "%s selchat: (%d log lines dropped: stderr took nothing for a while)\n"
+                % (stamp, _log_dropped)
+            )
+            _log_dropped = 0
+            continue
+        _write_log(_log_held.popleft())
+
+
+def _stderr_ready(timeout: float) -> bool:
+    """Whether stderr takes a log line now without blocking."""
+    if os.name != "posix":  # select() takes only sockets on Windows
+        return True
     try:
-        sys.stderr.write("%s selchat: %s\n" % (stamp, message))
+        fd = sys.stderr.fileno()
+        return bool(select.select([], [fd], [], timeout)[1])
+    except (OSError, ValueError):  # no real file behind it: write() decides
+        return True
+
+
+def _write_log(line: str) -> None:
+    # A line is far below PIPE_BUF: once select() says the pipe or terminal
+    # has room, it takes the whole line without blocking.
+    try:
+        sys.stderr.write(line)
         sys.stderr.flush()
     except (OSError, ValueError):  # stderr gone: keep serving
         pass
@@ -1472,6 +1524,8 @@ class ChatServer:
                 conn.dirty = False
                 if conn.sock.fileno() >= 0:
                     self._send(conn)
+        if _log_held:
+            flush_log()
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
@@ -3343,6 +3397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_server(args: argparse.Namespace) -> int:
+    try:
+        return _run_server(args)
+    finally:
+        flush_log(LOG_EXIT_WAIT)
+
+
+def _run_server(args: argparse.Namespace) -> int:
     password = args.password
     if args.password_file:
         try:

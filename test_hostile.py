@@ -1489,3 +1489,130 @@ def test_fuzz_hostile_peers_never_cost_honest_users_a_message(start_server, conn
     run_example()
     assert server.interrupt() == 0
     assert "Traceback" not in server.log
+
+
+# ---------------------------------------------------------------------------
+# The log never stops the server: stderr unread, or its terminal stopped
+# ---------------------------------------------------------------------------
+
+
+def _raw_register(port, nick):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(frame(nick))
+    header = b""
+    while len(header) < 10:
+        chunk = sock.recv(10 - len(header))
+        assert chunk, "closed before the welcome"
+        header += chunk
+    body = b""
+    while len(body) < int(header):
+        body += sock.recv(int(header) - len(body))
+    assert body.startswith(b"Welcome"), body
+    return sock
+
+
+def _relays(port):
+    """Whether a message from one new user reaches another: the server is not stuck."""
+    a, b = _raw_register(port, "ann"), _raw_register(port, "ben")
+    try:
+        a.sendall(frame(chat_payload("still here", nick="ann")))
+        data = b""
+        while b"still here" not in data:
+            chunk = b.recv(4096)  # the socket timeout is the deadline
+            assert chunk
+            data += chunk
+        return True
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_stderr_pipe_nobody_reads_never_stops_the_server_and_no_log_line_is_lost():
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "server", "--port", "0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=write_end,
+        env=clean_env(),
+    )
+    os.close(write_end)
+    chunks = []
+    try:
+        start = b""
+        while b"listening on" not in start or not start.endswith(b"\n"):
+            piece = os.read(read_end, 4096)
+            assert piece, "the server exited at start"
+            start += piece
+        port = int(re.search(rb"listening on \S+:(\d+)", start).group(1))
+        # From here on nobody reads the pipe. 800 users coming and going write
+        # far more log than the pipe holds (64 KiB on Linux).
+        users = 800
+        for i in range(users):
+            _raw_register(port, f"u{i}").close()
+        assert _relays(port)
+        proc.send_signal(signal.SIGINT)
+        reader = threading.Thread(
+            target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b""))
+        )
+        reader.start()
+        assert proc.wait(TIMEOUT) == 0
+        reader.join(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    os.close(read_end)
+    log = (start + b"".join(chunks)).decode()
+    assert "Traceback" not in log
+    assert sum(f" as u{i}\n" in log for i in range(users)) == users, log[-2000:]
+    assert "joined as ben" in log and "dropped" not in log
+    assert log.rstrip().endswith("stopped")
+
+
+@pytest.mark.skipif(pexpect is None, reason="needs pexpect and a pty")
+def test_a_terminal_stopped_with_ctrl_s_never_stops_the_server():
+    child = pexpect.spawn(
+        sys.executable, [str(SCRIPT), "server", "--port", "0"], env=clean_env(), timeout=TIMEOUT
+    )
+    try:
+        child.expect(r"listening on \S+:(\d+)")
+        port = int(child.match.group(1))
+        child.sendcontrol("s")  # XOFF: the terminal takes no more output
+        # Ctrl+S goes through the terminal's line discipline, which stops output
+        # at once; the server's next log line is the first to meet it.
+        assert _relays(port)
+        child.sendcontrol("q")  # XON: what was held comes out, in order
+        child.expect("joined as ann")
+        child.expect("joined as ben")
+        child.sendintr()
+        child.expect("stopped")
+        child.expect(pexpect.EOF)
+        child.wait()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
+def test_log_holds_what_stderr_cannot_take_and_counts_what_it_drops(monkeypatch, capsys):
+    sys.path.insert(0, str(HERE))
+    import selchat
+
+    ready = False
+    monkeypatch.setattr(selchat, "_stderr_ready", lambda timeout: ready)
+    monkeypatch.setattr(selchat, "LOG_HELD", 100)
+    for i in range(105):
+        selchat.log(f"line {i}")
+    selchat.flush_log()
+    assert capsys.readouterr().err == ""  # nothing written, nothing blocked
+    ready = True
+    selchat.log("line 105")  # held behind the others, never ahead of them
+    assert capsys.readouterr().err == ""
+    selchat.flush_log()
+    lines = capsys.readouterr().err.splitlines()
+    assert "(6 log lines dropped: stderr took nothing for a while)" in lines[0]
+    assert [line.split("selchat: ")[1] for line in lines[1:]] == [
+        f"line {i}" for i in range(6, 106)
+    ]
+    assert not selchat._log_held
