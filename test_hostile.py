@@ -1499,14 +1499,7 @@ def test_fuzz_hostile_peers_never_cost_honest_users_a_message(start_server, conn
 def _raw_register(port, nick):
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     sock.sendall(frame(nick))
-    header = b""
-    while len(header) < 10:
-        chunk = sock.recv(10 - len(header))
-        assert chunk, "closed before the welcome"
-        header += chunk
-    body = b""
-    while len(body) < int(header):
-        body += sock.recv(int(header) - len(body))
+    body = read_frame(sock)
     assert body.startswith(b"Welcome"), body
     return sock
 
@@ -1616,3 +1609,62 @@ def test_log_holds_what_stderr_cannot_take_and_counts_what_it_drops(monkeypatch,
         f"line {i}" for i in range(6, 106)
     ]
     assert not selchat._log_held
+
+
+def _own_address():
+    """This machine's own non-loopback IPv4 address, or None (nothing is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # picks the address a route would use
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+@pytest.mark.skipif(_own_address() is None, reason="needs a non-loopback IPv4 address")
+def test_max_per_address_default_limits_a_non_loopback_address_to_256(start_server):
+    address = _own_address()
+    server = start_server("--host", address)  # its own address: the peer is not loopback
+    peers = []
+
+    def open_peer(nick=None):
+        sock = socket.create_connection((address, server.port), timeout=TIMEOUT)
+        peers.append(sock)
+        if nick is not None:
+            sock.sendall(frame(nick))
+        return sock
+
+    try:
+        first = open_peer("first")
+        assert read_frame(first).startswith(b"Welcome to selchat, first!")
+        for _ in range(255):
+            open_peer()
+        over = open_peer("over")
+        assert read_frame(over) == b"Too many connections from your address (256); try again later"
+        server.wait_for_log(
+            r"refused %s:\d+: 256 connections from that address" % re.escape(address)
+        )
+        first.close()
+        server.wait_for_log(r"first .*disconnected")
+        again = open_peer("again")  # the slot is free again
+        assert read_frame(again).startswith(b"Welcome to selchat, again!")
+    finally:
+        for sock in peers:
+            sock.close()
+
+
+def read_frame(sock):
+    header = b""
+    while len(header) < 10:
+        chunk = sock.recv(10 - len(header))
+        assert chunk, "closed before a whole frame"
+        header += chunk
+    body = b""
+    while len(body) < int(header):
+        chunk = sock.recv(int(header) - len(body))
+        assert chunk, "closed in the middle of a frame"
+        body += chunk
+    return body
