@@ -8,11 +8,10 @@ Servers run as real processes driven over real sockets by raw peers that speak
 the wire protocol themselves (so they are also "seed clients": they know only
 the nickname frame and `time\\0nick\\0text`); the client runs in a real
 pseudo-terminal (pexpect) or with pipes. Every wait is on an event with a
-deadline; every process a test starts is stopped by a fixture.
+deadline; every process a test starts is stopped by a fixture. The shared
+helpers are in selchat_testkit.py, the shared fixtures in conftest.py.
 """
 
-import io
-import os
 import re
 import shutil
 import signal
@@ -21,24 +20,26 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "selchat.py"
-sys.path.insert(0, str(HERE))
-
-import selchat  # noqa: E402
-
-try:
-    import pexpect
-except ImportError:  # pragma: no cover - pexpect is in the test requirements
-    pexpect = None
-
-needs_pty = pytest.mark.skipif(
-    pexpect is None or not hasattr(os, "openpty"), reason="needs pexpect and a pty"
+import selchat
+from selchat_testkit import (
+    HERE,
+    HISTORY_END,
+    SCRIPT,
+    TIMEOUT,
+    UTC,
+    Peer,
+    chat_payload,
+    clean_env,
+    frame,
+    free_port,
+    history_begin,
+    needs_pty,
+    pty_output,
+    wait_pty_exit,
 )
 
 
@@ -55,406 +56,17 @@ def _dual_stack():
 
 needs_ipv6 = pytest.mark.skipif(not _dual_stack(), reason="needs IPv6 with dual-stack sockets")
 
-TIMEOUT = 10.0  # generous upper bound for any single expected event
-UTC = timezone.utc
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
-HISTORY_END = "--- end of earlier messages ---"
-
-
-def history_begin(count):
-    return "--- %d message%s from before you joined ---" % (count, "" if count == 1 else "s")
 
 
 # ---------------------------------------------------------------------------
-# Helpers: a raw wire-protocol peer (a seed client), processes, a proxy
+# Helpers of this file: the pty client's join, a proxy that cuts connections
 # ---------------------------------------------------------------------------
-
-
-def frame(payload):
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8")
-    return str(len(payload)).encode("ascii").ljust(10) + payload
-
-
-def now_iso():
-    return datetime.now(UTC).replace(microsecond=0).isoformat()
-
-
-def chat_payload(text, nick="x", stamp=None):
-    return "\0".join((stamp or now_iso(), nick, text)).encode("utf-8")
-
-
-class PeerClosed(Exception):
-    """The server closed (or reset) the connection."""
-
-
-class Peer:
-    """A raw TCP client that knows only the seed's protocol."""
-
-    def __init__(self, port, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = bytearray()
-        self.eof = False
-
-    def send_frame(self, payload):
-        self.sock.sendall(frame(payload))
-
-    def send_chat(self, text, nick="x", stamp=None):
-        self.send_frame(chat_payload(text, nick, stamp))
-
-    def recv_frame(self, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buffer) >= 10:
-                header = bytes(self.buffer[:10])
-                assert re.fullmatch(rb" *[0-9]+ *", header), f"server sent bad header {header!r}"
-                size = int(header)
-                if len(self.buffer) >= 10 + size:
-                    payload = bytes(self.buffer[10 : 10 + size])
-                    del self.buffer[: 10 + size]
-                    return payload
-            if self.eof:
-                raise PeerClosed("end of stream")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no frame from the server in time")
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(1 << 20)
-            except socket.timeout:
-                raise TimeoutError("no frame from the server in time") from None
-            except (ConnectionResetError, ConnectionAbortedError) as exc:
-                self.eof = True
-                raise PeerClosed(str(exc)) from None
-            if not data:
-                self.eof = True
-                raise PeerClosed("end of stream")
-            self.buffer += data
-
-    def recv_service(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert b"\0" not in payload, f"expected a service message, got {payload!r}"
-        return payload.decode("utf-8")
-
-    def recv_chat(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert payload.count(b"\0") >= 2, f"expected a chat message, got {payload!r}"
-        stamp, nick, text = payload.decode("utf-8").split("\0", 2)
-        return stamp, nick, text
-
-    def sync(self, other):
-        """Prove that nothing is pending for self: other sends a marker, self's next frame is it."""
-        marker = "sync %f" % time.monotonic()
-        other.peer.send_chat(marker, nick=other.nick)
-        assert self.recv_chat()[1:] == (other.nick, marker)
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class User:
-    """A registered peer and its nickname."""
-
-    def __init__(self, peer, nick):
-        self.peer = peer
-        self.nick = nick
-
-    def __getattr__(self, name):
-        return getattr(self.peer, name)
-
-    def sync(self, other):
-        self.peer.sync(other)
-
-
-def clean_env(**overrides):
-    """The environment without anything selchat reads, plus overrides (None removes)."""
-    drop = {
-        "NO_COLOR",
-        "FORCE_COLOR",
-        "TERM",
-        "TZ",
-        "SELCHAT_HOST",
-        "SELCHAT_PORT",
-        "COLUMNS",
-        "LINES",
-        "PYTHONSTARTUP",
-        "PYTHONINSPECT",
-        "INPUTRC",
-    }
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    env["LC_ALL"] = "C.UTF-8"
-    env["TZ"] = "UTC"
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-class ServerProcess:
-    """`selchat.py server` as a subprocess; stderr is drained by a thread."""
-
-    LISTENING = re.compile(r"listening on (\S*):(\d+)")
-
-    def __init__(self, args):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "server", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=clean_env(),
-            cwd=str(HERE),
-        )
-        self.lines = []
-        self.stderr_closed = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._drain, daemon=True)
-        self.reader.start()
-        match = self.wait_for_log(self.LISTENING)
-        self.address = match.group(1)
-        self.port = int(match.group(2))
-
-    def _drain(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self.changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.stderr_closed = True
-            self.changed.notify_all()
-
-    def wait_for_log(self, pattern, timeout=TIMEOUT):
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for line in self.lines:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if self.stderr_closed or remaining <= 0:
-                    raise AssertionError(f"no server log line matching {pattern!r}:\n{self.log}")
-                self.changed.wait(remaining)
-
-    @property
-    def log(self):
-        with self.changed:
-            return "\n".join(self.lines)
-
-    def stop(self):
-        # SIGINT first: the server shuts down at once when its peers are gone, and
-        # exiting normally lets coverage save what the subprocess ran.
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        self.reader.join(timeout=TIMEOUT)
-        self.proc.stderr.close()
-
-
-@pytest.fixture
-def start_server():
-    """Factory: a server on 127.0.0.1 and a free port, with extra arguments."""
-    servers = []
-
-    def start(*args, address=True):
-        argv = ["--host", "127.0.0.1", "--port", "0", *args] if address else list(args)
-        server = ServerProcess(argv)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-        print(f"--- server log (port {server.port}) ---\n{server.log}")
-    for server in servers:
-        assert "Traceback" not in server.log, f"the server logged a traceback:\n{server.log}"
-
-
-@pytest.fixture
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture
-def join():
-    """Factory: a raw peer that registers `nick` and reads its welcome (and the history)."""
-    peers = []
-
-    def open_peer(port, nick, host="127.0.0.1", history=False):
-        peer = Peer(port, host)
-        peers.append(peer)
-        peer.send_frame(nick)
-        welcome = peer.recv_service()
-        assert welcome.startswith(f"Welcome to selchat, {nick}!"), welcome
-        if history:
-            assert re.fullmatch(
-                r"--- \d+ messages? from before you joined ---", peer.recv_service()
-            )
-            while True:
-                payload = peer.recv_frame()
-                if payload == HISTORY_END.encode():
-                    break
-        return User(peer, nick)
-
-    yield open_peer
-    for peer in peers:
-        peer.close()
-
-
-class PipedClient:
-    """`selchat.py client` with pipes; output drained by threads."""
-
-    def __init__(self, args, env):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "client", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(HERE),
-        )
-        self.out = bytearray()
-        self.err = bytearray()
-        self.changed = threading.Condition()
-        self.threads = [
-            threading.Thread(target=self._drain, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._drain, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _drain(self, stream, sink):
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            with self.changed:
-                sink += chunk
-                self.changed.notify_all()
-
-    def write(self, text):
-        self.proc.stdin.write(text.encode("utf-8"))
-        self.proc.stdin.flush()
-
-    def wait_for_output(self, needle, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while needle not in self.out:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"{needle!r} not in client output: {bytes(self.out)!r}")
-                self.changed.wait(remaining)
-
-    def wait_exit(self, timeout=TIMEOUT):
-        rc = self.proc.wait(timeout=timeout)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        return rc
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the client leaves cleanly
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-
-
-@pytest.fixture
-def piped_client():
-    clients = []
-
-    def start(*args):
-        client = PipedClient([str(a) for a in args], clean_env())
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.stop()
-
-
-@pytest.fixture
-def pty_client():
-    """Factory: the client in a real pseudo-terminal (pexpect, bytes mode)."""
-    children = []
-
-    def spawn(port, nick="alice", *extra, **env_overrides):
-        overrides = {"NO_COLOR": "1", "TERM": "xterm"}
-        overrides.update(env_overrides)
-        args = [
-            str(SCRIPT),
-            "client",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--nick",
-            nick,
-            *extra,
-        ]
-        child = pexpect.spawn(
-            sys.executable,
-            args,
-            env=clean_env(**overrides),
-            cwd=str(HERE),
-            timeout=TIMEOUT,
-            dimensions=(40, 220),
-        )
-        child.logfile_read = io.BytesIO()
-        children.append(child)
-        return child
-
-    yield spawn
-    for child in children:
-        if child.isalive():
-            # SIGTERM first: the client leaves cleanly (and coverage keeps what it ran).
-            child.kill(signal.SIGTERM)
-            child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
-        if child.isalive():
-            child.terminate(force=True)
-        try:
-            child.close(force=True)
-        except Exception:
-            pass
-        print("--- pty output ---")
-        print(child.logfile_read.getvalue().decode("utf-8", "replace"))
-
-
-def pty_output(child):
-    return child.logfile_read.getvalue()
-
-
-def wait_pty_exit(child, timeout=TIMEOUT):
-    child.expect(pexpect.EOF, timeout=timeout)
-    child.wait()
-    return child.exitstatus
 
 
 def joined(child, nick="alice"):
     child.expect_exact(f"Welcome to selchat, {nick}!".encode())
     child.expect_exact(b"> ")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class CuttingProxy:

@@ -4,437 +4,78 @@ and a property-based fuzz test, against a real server process over real sockets.
 Each limit test checks three things: the peer concerned gets the clear notice,
 the server logs it, and the other users carry on unaffected.
 
-The raw peers here speak the wire protocol themselves (they never use selchat's
-framing code), and every wait is on an event with a deadline: a socket timeout,
-a log line, a process exit. Every process a test starts is stopped by a fixture,
-even when the test fails.
+The raw peers (selchat_testkit.py, shared by every test file) speak the wire
+protocol themselves (they never use selchat's framing code), and every wait is
+on an event with a deadline: a socket timeout, a log line, a process exit.
+Every process a test starts is stopped by a fixture (conftest.py, and this
+file's start_server over it), even when the test fails.
 """
 
 import itertools
-import os
-import re
 import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-try:
-    import pexpect
-except ImportError:  # pragma: no cover - pexpect is in the test requirements
-    pexpect = None
+import selchat_testkit
+from selchat_testkit import (
+    PASSWORD_REQUIRED,
+    SCRIPT,
+    SHUTDOWN_NOTICE,
+    TIMEOUT,
+    Peer,
+    PeerClosed,
+    ServerProcess,
+    clean_env,
+    frame,
+    needs_pty,
+    pexpect,
+)
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "selchat.py"
-TIMEOUT = 10.0  # generous upper bound for any single expected event
-SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
 OUT_OF_RESOURCES = "Server is out of resources; try again later"
 BUSY = "Not sent: the server is busy receiving other large messages; try again later"
 PLAIN_TO_TLS = "Protocol error: this server speaks TLS; connect with the client's --tls option"
-PASSWORD_REQUIRED = "Password required"
 
 
 # ---------------------------------------------------------------------------
-# A raw wire-protocol peer, plain or TLS, written independently of selchat.py
+# What this file adds to the shared helpers (selchat_testkit.py, conftest.py)
 # ---------------------------------------------------------------------------
 
-
-def frame(payload):
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8")
-    return str(len(payload)).encode("ascii").ljust(10) + payload
+# The frames this file builds (the fuzz's templates among them) are the same
+# bytes on every run: one fixed time stamp.
+STAMP = "2026-11-27T07:37:12+00:00"
 
 
-def chat_payload(text, nick="x", stamp="2026-11-27T07:37:12+00:00"):
-    return "\0".join((stamp, nick, text)).encode("utf-8")
-
-
-class PeerClosed(Exception):
-    """The server closed (or reset) the connection."""
-
-
-class Peer:
-    """A TCP (optionally TLS) client that frames and parses by itself."""
-
-    def __init__(self, port, tls=None, source=None, rcvbuf=None, hostname="localhost"):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if source is not None:
-            sock.bind((source, 0))
-        sock.settimeout(TIMEOUT)
-        try:
-            sock.connect(("127.0.0.1", port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=hostname)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.buffer = bytearray()
-        self.eof = False
-
-    def send_raw(self, data):
-        self.sock.sendall(data)
-
-    def send_frame(self, payload):
-        self.sock.sendall(frame(payload))
-
-    def send_chat(self, text, nick="x", stamp="2026-11-27T07:37:12+00:00"):
-        self.send_frame(chat_payload(text, nick, stamp))
-
-    def _fill(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no frame from the server in time")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            raise TimeoutError("no frame from the server in time") from None
-        except (ConnectionResetError, ConnectionAbortedError, ssl.SSLError) as exc:
-            self.eof = True
-            raise PeerClosed(str(exc)) from None
-        if not data:
-            self.eof = True
-            raise PeerClosed("end of stream")
-        self.buffer += data
-
-    def recv_frame(self, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buffer) >= 10:
-                header = bytes(self.buffer[:10])
-                assert re.fullmatch(rb"[0-9]+ *", header), f"server sent a bad header {header!r}"
-                size = int(header)
-                if len(self.buffer) >= 10 + size:
-                    payload = bytes(self.buffer[10 : 10 + size])
-                    del self.buffer[: 10 + size]
-                    return payload
-            if self.eof:
-                raise PeerClosed("end of stream")
-            self._fill(deadline)
-
-    def recv_service(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert b"\0" not in payload, f"expected a service message, got {payload[:200]!r}"
-        return payload.decode("utf-8")
-
-    def recv_chat(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert payload.count(b"\0") >= 2, f"expected a chat message, got {payload[:200]!r}"
-        return tuple(payload.decode("utf-8").split("\0", 2))
-
-    def recv_chat_skipping_notices(self, timeout=TIMEOUT):
-        """The next chat message; service messages (joins, leaves) before it are skipped."""
-        deadline = time.monotonic() + timeout
-        while True:
-            payload = self.recv_frame(deadline - time.monotonic())
-            if b"\0" in payload:
-                return tuple(payload.decode("utf-8").split("\0", 2))
-
-    def recv_until_closed(self, timeout=TIMEOUT):
-        """Read frames until the server closes; return them all (decoded)."""
-        deadline = time.monotonic() + timeout
-        frames = []
-        while True:
-            try:
-                frames.append(
-                    self.recv_frame(deadline - time.monotonic()).decode("utf-8", "replace")
-                )
-            except PeerClosed:
-                return frames
-
-    def register(self, nick, password=None):
-        """Send the nickname (and the password when asked); return the welcome."""
-        self.send_frame(nick)
-        first = self.recv_service()
-        if password is not None:
-            assert first == PASSWORD_REQUIRED, first
-            self.send_frame(password)
-            first = self.recv_service()
-        assert first.startswith(f"Welcome to selchat, {nick}!"), first
-        return first
-
-    def reset(self):
-        """Close with SO_LINGER 0: the server gets a RST."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        self.close()
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-# ---------------------------------------------------------------------------
-# Fixtures: the server process, raw peers, the real client
-# ---------------------------------------------------------------------------
-
-
-def clean_env(**overrides):
-    """The environment without anything selchat reads, plus overrides (None removes)."""
-    drop = {
-        "NO_COLOR",
-        "FORCE_COLOR",
-        "TERM",
-        "TZ",
-        "SELCHAT_HOST",
-        "SELCHAT_PORT",
-        "SELCHAT_PASSWORD",
-        "COLUMNS",
-        "LINES",
-        "PYTHONSTARTUP",
-        "PYTHONINSPECT",
-    }
-    env = {key: value for key, value in os.environ.items() if key not in drop}
-    env.update(LC_ALL="C.UTF-8", TZ="UTC")
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-# Runs the server under a file descriptor limit (soft and hard) without a
-# preexec_fn, which is not safe in a process that has threads.
-LIMITED = (
-    "import os, resource, sys; n = int(sys.argv[1]); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
-    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])"
-)
-
-
-class ServerProcess:
-    """`selchat.py server` as a subprocess; stderr is drained by a thread."""
-
-    LISTENING = re.compile(r"listening on \S*:(\d+)")
-
-    def __init__(self, args, env=None, nofile=None):
-        argv = [sys.executable, str(SCRIPT), "server", *args]
-        if nofile is not None:
-            argv = [sys.executable, "-c", LIMITED, str(nofile), *argv[1:]]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env or clean_env(),
-            cwd=str(HERE),
-        )
-        self.lines = []
-        self.stderr_closed = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._drain, daemon=True)
-        self.reader.start()
-        self.port = int(self.wait_for_log(self.LISTENING).group(1))
-
-    def _drain(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self.changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.stderr_closed = True
-            self.changed.notify_all()
-
-    def wait_for_log(self, pattern, timeout=TIMEOUT):
-        """Wait for a stderr line matching pattern; return the match."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        checked = 0
-        with self.changed:
-            while True:
-                for line in self.lines[checked:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                checked = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if self.stderr_closed or remaining <= 0:
-                    raise AssertionError(
-                        f"no server log line matching {regex.pattern!r}:\n{self.log}"
-                    )
-                self.changed.wait(remaining)
-
-    def wait_for_count(self, text, count, timeout=TIMEOUT):
-        """Wait until ``text`` is in ``count`` stderr lines; return how many have it."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                found = sum(text in line for line in self.lines)
-                remaining = deadline - time.monotonic()
-                if found >= count or self.stderr_closed or remaining <= 0:
-                    return found
-                self.changed.wait(remaining)
-
-    @property
-    def log(self):
-        with self.changed:
-            return "\n".join(self.lines)
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def interrupt(self, timeout=TIMEOUT):
-        """SIGINT, as Ctrl+C does; return the exit status."""
-        self.proc.send_signal(signal.SIGINT)
-        return self.wait_exit(timeout)
-
-    def wait_exit(self, timeout=TIMEOUT):
-        status = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=TIMEOUT)
-        return status
-
-    def stop(self):
-        """Stop it as Ctrl+C does (so that coverage, when on, sees what it ran),
-        killing it only if it will not go; return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        status = self.proc.wait(timeout=TIMEOUT)
-        self.reader.join(timeout=TIMEOUT)
-        self.proc.stderr.close()
-        return status
+def chat_payload(text, nick="x", stamp=STAMP):
+    return selchat_testkit.chat_payload(text, nick, stamp)
 
 
 @pytest.fixture
-def start_server():
-    """Factory: a server on 127.0.0.1 and a free port, with extra args (and --history 0)."""
+def start_server(start_server):
+    """The shared factory, with `--history 0` unless a test gives --history (no
+    replay for newcomers unless a test wants it); every server it starts must
+    end with exit status 0."""
     servers = []
 
-    def start(*args, env=None, nofile=None):
+    def start(*args, **options):
         args = tuple(map(str, args))
         if "--history" not in args:
-            args += ("--history", "0")  # no replay for newcomers unless a test wants it
-        server = ServerProcess(
-            ["--host", "127.0.0.1", "--port", "0", *map(str, args)], env=env, nofile=nofile
-        )
-        servers.append(server)
-        return server
+            args += ("--history", "0")
+        servers.append(start_server(*args, **options))
+        return servers[-1]
 
     yield start
-    statuses = []
-    for server in servers:
-        statuses.append(server.stop())
-        print(f"--- server log (port {server.port}) ---\n{server.log}")
+    statuses = [server.stop() for server in servers]
     for server, status in zip(servers, statuses):
-        assert "Traceback" not in server.log, f"the server logged a traceback:\n{server.log}"
         assert status == 0, f"the server's exit status was {status}:\n{server.log}"
-
-
-@pytest.fixture
-def connect():
-    """Factory: a raw peer; with nick= it also registers (and checks the welcome)."""
-    peers = []
-
-    def open_peer(port, nick=None, password=None, **options):
-        peer = Peer(port, **options)
-        peers.append(peer)
-        if nick is not None:
-            peer.register(nick, password)
-        return peer
-
-    yield open_peer
-    for peer in peers:
-        peer.close()
-
-
-class PipedClient:
-    """`selchat.py client` with pipes; stdout and stderr drained by threads."""
-
-    def __init__(self, args, env):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "client", *map(str, args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(HERE),
-        )
-        self.out = bytearray()
-        self.err = bytearray()
-        self.changed = threading.Condition()
-        self.threads = [
-            threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
-            for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _drain(self, stream, sink):
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            with self.changed:
-                sink += chunk
-                self.changed.notify_all()
-
-    def write(self, text):
-        self.proc.stdin.write(text.encode("utf-8"))
-        self.proc.stdin.flush()
-
-    def wait_for_output(self, needle, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while needle.encode("utf-8") not in self.out:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"{needle!r} not in the client's output: {bytes(self.out)!r}"
-                self.changed.wait(remaining)
-
-    def finish(self, timeout=TIMEOUT):
-        """Close stdin, wait for the exit; return (status, stdout, stderr) as text."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        status = self.proc.wait(timeout=timeout)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        return status, self.out.decode("utf-8", "replace"), self.err.decode("utf-8", "replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def client():
-    """Factory: the real client in pipe mode (stdin not a terminal)."""
-    clients = []
-
-    def start(*args, env=None):
-        piped = PipedClient(args, env or clean_env())
-        clients.append(piped)
-        return piped
-
-    yield start
-    for piped in clients:
-        piped.stop()
 
 
 def _make_cert_openssl(cert, key, name, san):
@@ -1075,10 +716,12 @@ def test_tls_failed_handshake_is_logged_and_harms_nobody(start_server, connect, 
     assert alice.recv_chat()[1:] == ("bob", "fine")
 
 
-def test_tls_selchat_client_with_cafile_chats(start_server, connect, cert, tls_context, client):
+def test_tls_selchat_client_with_cafile_chats(
+    start_server, connect, cert, tls_context, piped_client
+):
     server = start_server(*tls_args(cert))
     alice = connect(server.port, "alice", tls=tls_context)
-    carol = client(
+    carol = piped_client(
         "--host", "127.0.0.1", "--port", server.port, "--nick", "carol", "--cafile", cert[0]
     )
     carol.wait_for_output("Welcome to selchat, carol!")
@@ -1092,9 +735,11 @@ def test_tls_selchat_client_with_cafile_chats(start_server, connect, cert, tls_c
     assert alice.recv_service() == "carol left the chat (1 online)"
 
 
-def test_tls_selchat_client_without_cafile_fails_in_one_clear_line(start_server, cert, client):
+def test_tls_selchat_client_without_cafile_fails_in_one_clear_line(
+    start_server, cert, piped_client
+):
     server = start_server(*tls_args(cert))
-    dave = client("--host", "127.0.0.1", "--port", server.port, "--nick", "dave", "--tls")
+    dave = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "dave", "--tls")
     status, _out, err = dave.finish()
     assert status == 1
     assert err.count("\n") == 1 and err.endswith("\n"), err
@@ -1102,10 +747,10 @@ def test_tls_selchat_client_without_cafile_fails_in_one_clear_line(start_server,
     assert "certificate verify failed" in err and "Traceback" not in err, err
 
 
-def test_tls_selchat_client_checks_the_host_name(start_server, make_cert, client):
+def test_tls_selchat_client_checks_the_host_name(start_server, make_cert, piped_client):
     other = make_cert("chat.example.org", "DNS:chat.example.org")
     server = start_server(*tls_args(other))
-    eve = client(
+    eve = piped_client(
         "--host", "127.0.0.1", "--port", server.port, "--nick", "eve", "--cafile", other[0]
     )
     status, _out, err = eve.finish()
@@ -1113,9 +758,9 @@ def test_tls_selchat_client_checks_the_host_name(start_server, make_cert, client
     assert "certificate verify failed" in err and "mismatch" in err.lower(), err
 
 
-def test_plain_selchat_client_against_a_tls_server_is_told_why(start_server, cert, client):
+def test_plain_selchat_client_against_a_tls_server_is_told_why(start_server, cert, piped_client):
     server = start_server(*tls_args(cert))
-    plain = client("--port", server.port, "--nick", "plain")
+    plain = piped_client("--port", server.port, "--nick", "plain")
     status, out, err = plain.finish()
     assert status == 1
     assert PLAIN_TO_TLS in out + err, (out, err)
@@ -1159,7 +804,9 @@ def test_password_wrong_ones_are_refused_before_seeing_or_sending_anything(start
     assert alice.recv_chat()[1:] == ("bob", "hi")
 
 
-def test_password_from_the_environment_and_from_a_file(start_server, connect, client, tmp_path):
+def test_password_from_the_environment_and_from_a_file(
+    start_server, connect, piped_client, tmp_path
+):
     by_env = start_server(env=clean_env(SELCHAT_PASSWORD="from env"))
     alice = connect(by_env.port)
     alice.send_frame("alice")
@@ -1167,7 +814,9 @@ def test_password_from_the_environment_and_from_a_file(start_server, connect, cl
     alice.send_frame("from env")
     assert alice.recv_service().startswith("Welcome to selchat, alice!")
     # the client takes SELCHAT_PASSWORD too
-    bob = client("--port", by_env.port, "--nick", "bob", env=clean_env(SELCHAT_PASSWORD="from env"))
+    bob = piped_client(
+        "--port", by_env.port, "--nick", "bob", env=clean_env(SELCHAT_PASSWORD="from env")
+    )
     bob.write("hello via env\n")
     assert alice.recv_service() == "bob joined the chat (2 online)"
     assert alice.recv_chat()[1:] == ("bob", "hello via env")
@@ -1181,33 +830,35 @@ def test_password_from_the_environment_and_from_a_file(start_server, connect, cl
     wrong = connect(by_file.port)
     wrong.send_raw(frame("dave") + frame("from a file\nsecond line is not part of it"))
     assert wrong.recv_until_closed() == [PASSWORD_REQUIRED, "Wrong password"]
-    carol_client = client("--port", by_file.port, "--nick", "erin", "--password", "from a file")
+    carol_client = piped_client(
+        "--port", by_file.port, "--nick", "erin", "--password", "from a file"
+    )
     carol_client.write("via --password\n")
     status, out, err = carol_client.finish()
     assert (status, err) == (0, ""), err
     assert "Welcome to selchat, erin!" in out
 
 
-def test_password_selchat_client_wrong_or_missing_fails_in_one_line(start_server, client):
+def test_password_selchat_client_wrong_or_missing_fails_in_one_line(start_server, piped_client):
     server = start_server("--password", "s3cret")
-    wrong = client("--port", server.port, "--nick", "wrong", "--password", "nope")
+    wrong = piped_client("--port", server.port, "--nick", "wrong", "--password", "nope")
     status, _out, err = wrong.finish()
     assert status == 1 and err.count("\n") == 1, err
     assert "Wrong password" in err and "Traceback" not in err, err
     # pipe mode without a password: it cannot ask, so it says what to do
-    missing = client("--port", server.port, "--nick", "missing")
+    missing = piped_client("--port", server.port, "--nick", "missing")
     status, _out, err = missing.finish()
     assert status == 1 and err.count("\n") == 1, err
     assert err.startswith(f"selchat: cannot connect to 127.0.0.1:{server.port}: "), err
     assert "password" in err and "Traceback" not in err, err
 
 
-def test_no_password_anywhere_is_the_seed_protocol(start_server, connect, client):
+def test_no_password_anywhere_is_the_seed_protocol(start_server, connect, piped_client):
     server = start_server()
     alice = connect(server.port)
     alice.send_frame("alice")
     assert alice.recv_service().startswith("Welcome to selchat, alice!")  # not asked
-    bob = client("--port", server.port, "--nick", "bob")
+    bob = piped_client("--port", server.port, "--nick", "bob")
     bob.write("plain old chat\n")
     assert alice.recv_service() == "bob joined the chat (2 online)"
     assert alice.recv_chat()[1:] == ("bob", "plain old chat")
@@ -1232,7 +883,7 @@ def test_a_newcomers_first_message_comes_after_its_join_notice(start_server, con
     assert alice.recv_chat()[1:] == ("bob", "first words")
 
 
-@pytest.mark.skipif(pexpect is None or not hasattr(os, "openpty"), reason="needs pexpect and a pty")
+@needs_pty
 def test_password_is_asked_on_a_terminal_without_echo(start_server, connect):
     server = start_server("--password", "typed secret")
     alice = connect(server.port, "alice", password="typed secret")

@@ -4,7 +4,9 @@ Every test runs real `selchat.py server --redis` processes against a real
 redis-server on loopback: the one in SELCHAT_TEST_REDIS, or (when the
 redis-server binary is installed) one this module starts on a free port. The
 servers are driven over real sockets by raw peers that speak the wire protocol
-themselves. Every test uses a room of its own; every wait has a deadline.
+themselves (selchat_testkit.py; the fixtures are in conftest.py, this file's
+start_server over the shared one). Every test uses a room of its own; every
+wait has a deadline.
 """
 
 import os
@@ -19,18 +21,16 @@ import uuid
 
 import pytest
 
-from test_features import (
+from selchat_testkit import (
     HERE,
-    SCRIPT,
     TIMEOUT,
     Peer,
     PeerClosed,
-    ServerProcess,
-    User,
     chat_payload,
-    clean_env,
     frame,
+    free_port,
     history_begin,
+    run_server_briefly,
 )
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -50,12 +50,6 @@ try:
 except ImportError:  # pragma: no cover - in requirements-dev.txt
     redis = None
     pytestmark = pytest.mark.skip(reason="needs the redis package (requirements-dev.txt)")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RedisProcess:
@@ -132,14 +126,13 @@ def room():
 
 
 @pytest.fixture
-def start_server(room):
-    """Factory: `selchat.py server --redis URL --room ROOM` on a free port."""
+def start_server(start_server, room):
+    """Factory: the shared one's server, with `--redis URL --room ROOM`; the
+    room's keys are deleted once its servers have stopped."""
     servers = []
 
     def start(url, *args):
-        server = ServerProcess(
-            ["--host", "127.0.0.1", "--port", "0", "--redis", url, "--room", room, *args]
-        )
+        server = start_server("--redis", url, "--room", room, *args)
         server.redis_url = url
         servers.append(server)
         return server
@@ -147,38 +140,13 @@ def start_server(room):
     yield start
     for server in servers:
         server.stop()
-        print(f"--- server log (port {server.port}) ---\n{server.log}")
     for url in {server.redis_url for server in servers}:
         forget_room(url, room)
-    for server in servers:
-        assert "Traceback" not in server.log, f"the server logged a traceback:\n{server.log}"
-
-
-@pytest.fixture
-def join():
-    """Factory: a raw peer registered as `nick`, its welcome (and history) read."""
-    peers = []
-
-    def open_peer(server, nick):
-        peer = Peer(server.port)
-        peers.append(peer)
-        peer.send_frame(nick)
-        welcome = peer.recv_service()
-        assert welcome.startswith(f"Welcome to selchat, {nick}!"), welcome
-        return User(peer, nick)
-
-    yield open_peer
-    for peer in peers:
-        peer.close()
 
 
 def next_chat(user, timeout=TIMEOUT):
     """The next chat message for user, skipping service messages (notices)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
-        if payload.count(b"\0") >= 2:
-            return tuple(payload.decode("utf-8").split("\0", 2))
+    return user.recv_chat_skipping_notices(timeout)
 
 
 def wait_service(user, pattern, timeout=TIMEOUT):
@@ -463,18 +431,6 @@ def test_users_of_a_killed_server_vanish_within_the_ttl(redis_url, start_server,
     taken.close()
 
 
-def run_server_briefly(*args):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "server", "--host", "127.0.0.1", "--port", "0", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=clean_env(),
-        cwd=str(HERE),
-        timeout=30,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize(
     "url, reason",
     [
@@ -483,7 +439,7 @@ def run_server_briefly(*args):
     ],
 )
 def test_an_unusable_redis_url_is_one_line_and_status_1(url, reason):
-    result = run_server_briefly("--redis", url)
+    result = run_server_briefly("--redis", url, timeout=30)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -13,50 +13,47 @@ Three layers, from the inside out:
 
 Every wait is on an event with a deadline (socket timeouts, pexpect timeouts,
 polling with a deadline); every process a test starts is stopped by a fixture,
-even when the test fails.
+even when the test fails. The raw peer and the process helpers that every test
+file shares are in selchat_testkit.py, their fixtures in conftest.py.
 """
 
-import io
-import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "selchat.py"
-sys.path.insert(0, str(HERE))
-
-import selchat  # noqa: E402
-
-try:
-    import pexpect
-except ImportError:  # pragma: no cover - pexpect is in the test requirements
-    pexpect = None
+import selchat
+from selchat_testkit import (
+    HERE,
+    SCRIPT,
+    SHUTDOWN_NOTICE,
+    TIMEOUT,
+    UTC,
+    chat_payload,
+    clean_env,
+    frame,
+    free_port,
+    needs_pty,
+    pty_output,
+    wait_pty_exit,
+    welcome_text,
+)
 
 try:
     from zoneinfo import ZoneInfo
 except ImportError:  # pragma: no cover - Python 3.8
     ZoneInfo = None
 
-needs_pty = pytest.mark.skipif(
-    pexpect is None or not hasattr(os, "openpty"), reason="needs pexpect and a pty"
-)
 needs_zoneinfo = pytest.mark.skipif(ZoneInfo is None, reason="needs zoneinfo")
 
-TIMEOUT = 10.0  # generous upper bound for any single expected event
-SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
-UTC = timezone.utc
 
 # What must never reach a terminal raw: C0 (all of it), DEL, C1, the bidi
 # controls and the line/paragraph separators.
@@ -73,436 +70,6 @@ SGR = re.compile(rb"\x1b\[[0-9;]*m")
 # The per-client message rate limit (SPEC section 6) is off for tests that
 # push volume through the server to test framing and queueing, not the rate.
 NO_RATE_LIMIT = ("--rate", "0")
-
-
-# ---------------------------------------------------------------------------
-# Helpers: a raw wire-protocol peer, written independently of selchat.py
-# ---------------------------------------------------------------------------
-
-
-def frame(payload):
-    """Encode one frame the way the spec writes it (left-aligned header)."""
-    if isinstance(payload, str):
-        payload = payload.encode("utf-8")
-    return str(len(payload)).encode("ascii").ljust(10) + payload
-
-
-def chat_payload(text, nick="x", stamp=None):
-    if stamp is None:
-        stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
-    return "\0".join((stamp, nick, text)).encode("utf-8")
-
-
-class PeerClosed(Exception):
-    """The server closed (or reset) the connection."""
-
-
-class Peer:
-    """A raw TCP client that speaks selchat's framing by itself."""
-
-    def __init__(self, port, rcvbuf=None):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = bytearray()
-        self.eof = False
-
-    # -- sending ----------------------------------------------------------
-    def send_raw(self, data):
-        self.sock.sendall(data)
-
-    def send_frame(self, payload):
-        self.sock.sendall(frame(payload))
-
-    def send_chat(self, text, nick="x", stamp=None):
-        self.send_frame(chat_payload(text, nick, stamp))
-
-    # -- receiving --------------------------------------------------------
-    def _fill(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no frame from the server in time")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            raise TimeoutError("no frame from the server in time") from None
-        except (ConnectionResetError, ConnectionAbortedError) as exc:
-            self.eof = True
-            raise PeerClosed(str(exc)) from None
-        if not data:
-            self.eof = True
-            raise PeerClosed("end of stream")
-        self.buffer += data
-
-    def recv_frame(self, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buffer) >= 10:
-                header = bytes(self.buffer[:10])
-                assert re.fullmatch(rb" *[0-9]+ *", header), f"server sent bad header {header!r}"
-                size = int(header)
-                if len(self.buffer) >= 10 + size:
-                    payload = bytes(self.buffer[10 : 10 + size])
-                    del self.buffer[: 10 + size]
-                    return payload
-            if self.eof:
-                raise PeerClosed("end of stream")
-            self._fill(deadline)
-
-    def recv_service(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert b"\0" not in payload, f"expected a service message, got {payload!r}"
-        return payload.decode("utf-8")
-
-    def recv_chat(self, timeout=TIMEOUT):
-        payload = self.recv_frame(timeout)
-        assert payload.count(b"\0") >= 2, f"expected a chat message, got {payload!r}"
-        stamp, nick, text = payload.decode("utf-8").split("\0", 2)
-        return stamp, nick, text
-
-    def recv_until_closed(self, timeout=TIMEOUT):
-        """Read frames until the server closes; return them all (decoded)."""
-        deadline = time.monotonic() + timeout
-        frames = []
-        while True:
-            try:
-                frames.append(
-                    self.recv_frame(deadline - time.monotonic()).decode("utf-8", "replace")
-                )
-            except PeerClosed:
-                return frames
-
-    def reset(self):
-        """Close with SO_LINGER 0, so the server gets a RST."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-# The welcome ends with the server's rate limit (defaults), which clients use to pace.
-LIMIT_NOTE = " Limit: 100 messages a second, bursts of 1000."
-
-
-def welcome_text(nick, online, limit_note=LIMIT_NOTE):
-    """The exact welcome; limit_note="" for a server started with --rate 0."""
-    users = "1 user online" if online == 1 else f"{online} users online"
-    return f"Welcome to selchat, {nick}! {users}. Type <quit< to leave.{limit_note}"
-
-
-# ---------------------------------------------------------------------------
-# Fixtures: server process, raw peers, clients
-# ---------------------------------------------------------------------------
-
-
-def clean_env(**overrides):
-    """The test process's environment without anything selchat reads, plus overrides.
-
-    An override of None removes the variable.
-    """
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key
-        not in {
-            "NO_COLOR",
-            "FORCE_COLOR",
-            "CLICOLOR_FORCE",
-            "TERM",
-            "TZ",
-            "SELCHAT_HOST",
-            "SELCHAT_PORT",
-            "COLUMNS",
-            "LINES",
-            "PYTHONSTARTUP",
-            "PYTHONINSPECT",
-        }
-    }
-    env["LC_ALL"] = "C.UTF-8"
-    env["TZ"] = "UTC"
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-class ServerProcess:
-    """`selchat.py server` as a subprocess; stderr is drained by a thread."""
-
-    LISTENING = re.compile(r"listening on \S*:(\d+)")
-
-    def __init__(self, args, env=None):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "server", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env if env is not None else clean_env(),
-            cwd=str(HERE),
-        )
-        self.lines = []
-        self.stderr_closed = False
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._drain, daemon=True)
-        self.reader.start()
-        match = self.wait_for_log(self.LISTENING, timeout=TIMEOUT)
-        self.port = int(match.group(1))
-        assert self.port != 0
-
-    def _drain(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self.changed:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.stderr_closed = True
-            self.changed.notify_all()
-
-    def wait_for_log(self, pattern, timeout=TIMEOUT, start=0):
-        """Wait for a stderr line matching pattern; return the match."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        checked = start
-        with self.changed:
-            while True:
-                for line in self.lines[checked:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                checked = len(self.lines)
-                if self.stderr_closed:
-                    raise AssertionError(
-                        f"server stderr closed without a line matching {regex.pattern!r}:\n"
-                        f"{self.log}"
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"no server log line matching {regex.pattern!r} in {timeout} s:\n{self.log}"
-                    )
-                self.changed.wait(remaining)
-
-    @property
-    def log(self):
-        with self.changed:
-            return "\n".join(self.lines)
-
-    def wait_exit(self, timeout):
-        rc = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=TIMEOUT)
-        return rc
-
-    def stop(self):
-        # SIGINT first: the server shuts down at once when its peers are gone, and
-        # exiting normally lets coverage save what the subprocess ran.
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        self.reader.join(timeout=TIMEOUT)
-        self.proc.stderr.close()
-
-
-@pytest.fixture
-def start_server():
-    """Factory: start a server on 127.0.0.1 with a free port (or the given args)."""
-    servers = []
-
-    def start(*args, env=None, default_address=True):
-        argv = list(args)
-        if default_address:
-            argv = ["--host", "127.0.0.1", "--port", "0", *argv]
-        server = ServerProcess(argv, env=env)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-        print(f"--- server log (port {server.port if hasattr(server, 'port') else '?'}) ---")
-        print(server.log)
-    for server in servers:
-        assert "Traceback" not in server.log, f"the server logged a traceback:\n{server.log}"
-
-
-@pytest.fixture
-def server(start_server):
-    return start_server()
-
-
-@pytest.fixture
-def connect():
-    """Factory: a raw peer; with nick= it also registers and checks the welcome."""
-    peers = []
-
-    def open_peer(port, nick=None, online=None, rcvbuf=None):
-        peer = Peer(port, rcvbuf=rcvbuf)
-        peers.append(peer)
-        if nick is not None:
-            peer.send_frame(nick)
-            welcome = peer.recv_service()
-            if online is None:
-                assert welcome.startswith(f"Welcome to selchat, {nick}!"), welcome
-            else:
-                # the limit note depends on the server's options; the exact
-                # text is checked by test_welcome_is_the_first_frame_and_names_quit
-                assert welcome.startswith(welcome_text(nick, online, limit_note="")), welcome
-        return peer
-
-    yield open_peer
-    for peer in peers:
-        peer.close()
-
-
-class PipedClient:
-    """`selchat.py client` with stdin/stdout/stderr as pipes; output drained by threads."""
-
-    def __init__(self, args, env):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "client", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(HERE),
-        )
-        self.out = bytearray()
-        self.err = bytearray()
-        self.changed = threading.Condition()
-        self.threads = [
-            threading.Thread(target=self._drain, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._drain, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def _drain(self, stream, sink):
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            with self.changed:
-                sink += chunk
-                self.changed.notify_all()
-
-    def write(self, text):
-        self.proc.stdin.write(text.encode("utf-8"))
-        self.proc.stdin.flush()
-
-    def close_stdin(self):
-        self.proc.stdin.close()
-
-    def wait_for_output(self, needle, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while needle not in self.out:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"{needle!r} not in client output in time: {bytes(self.out)!r}"
-                    )
-                self.changed.wait(remaining)
-
-    def wait_exit(self, timeout=TIMEOUT):
-        rc = self.proc.wait(timeout=timeout)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        return rc
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the client leaves cleanly
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        for thread in self.threads:
-            thread.join(timeout=TIMEOUT)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-
-
-@pytest.fixture
-def piped_client():
-    clients = []
-
-    def start(*args, env=None):
-        client = PipedClient([str(a) for a in args], env if env is not None else clean_env())
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.stop()
-
-
-@pytest.fixture
-def pty_client():
-    """Factory: the client in a real pseudo-terminal (pexpect, bytes mode)."""
-    children = []
-
-    def spawn(port, nick="alice", *extra, tz="UTC", **env_overrides):
-        overrides = {"NO_COLOR": "1", "TERM": "xterm", "TZ": tz}
-        overrides.update(env_overrides)
-        env = clean_env(**overrides)
-        args = [str(SCRIPT), "client", "--host", "127.0.0.1"]
-        if port is not None:
-            args += ["--port", str(port)]
-        if nick is not None:
-            args += ["--nick", nick]
-        args += list(extra)
-        child = pexpect.spawn(
-            sys.executable, args, env=env, cwd=str(HERE), timeout=TIMEOUT, dimensions=(40, 220)
-        )
-        child.logfile_read = io.BytesIO()
-        children.append(child)
-        return child
-
-    yield spawn
-    for child in children:
-        if child.isalive():
-            # SIGTERM first: the client leaves cleanly (and coverage keeps what it ran).
-            child.kill(signal.SIGTERM)
-            child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3)
-        if child.isalive():
-            child.terminate(force=True)
-        try:
-            child.close(force=True)
-        except Exception:
-            pass
-        print("--- pty output ---")
-        print(child.logfile_read.getvalue().decode("utf-8", "replace"))
-
-
-def pty_output(child):
-    return child.logfile_read.getvalue()
-
-
-def wait_pty_exit(child, timeout=TIMEOUT):
-    """Wait for the child to exit; return its exit status (None if killed by a signal)."""
-    child.expect(pexpect.EOF, timeout=timeout)
-    child.wait()
-    return child.exitstatus
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -1533,7 +1100,7 @@ def test_shutdown_gives_up_on_a_stalled_reader_after_about_two_seconds(start_ser
 def test_selchat_port_environment_variable_sets_the_default_port(start_server, connect):
     port = free_port()
     server = start_server(
-        "--host", "127.0.0.1", env=clean_env(SELCHAT_PORT=str(port)), default_address=False
+        "--host", "127.0.0.1", env=clean_env(SELCHAT_PORT=str(port)), address=False
     )
     assert server.port == port
     connect(server.port, "alice", online=1)
@@ -1550,9 +1117,7 @@ def test_port_flag_wins_over_selchat_port(start_server, connect):
 
 
 def test_selchat_host_environment_variable_sets_the_default_host(start_server, connect):
-    server = start_server(
-        env=clean_env(SELCHAT_HOST="127.0.0.1", SELCHAT_PORT="0"), default_address=False
-    )
+    server = start_server(env=clean_env(SELCHAT_HOST="127.0.0.1", SELCHAT_PORT="0"), address=False)
     assert re.search(r"listening on 127\.0\.0\.1:%d\b" % server.port, server.log)
     connect(server.port, "alice", online=1)
 
