@@ -12,6 +12,8 @@ file's start_server over it), even when the test fails.
 """
 
 import itertools
+import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 
 import selchat_testkit
 from selchat_testkit import (
+    HERE,
     PASSWORD_REQUIRED,
     SCRIPT,
     SHUTDOWN_NOTICE,
