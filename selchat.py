@@ -120,7 +120,7 @@ QUIT_COMMAND = "<quit<"
 SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
 # How long the server keeps delivering what it owes after SIGINT/SIGTERM, and
 # how long a connection being closed may take to take its last notice.
-SHUTDOWN_GRACE = 2.0
+SHUTDOWN_GRACE = 1.5  # what is owed goes out within this; the whole exit stays under 2 s
 CLOSE_GRACE = 2.0
 # One recv() this large drains a busy socket in few calls and holds many frames
 # that are then relayed together.
@@ -652,6 +652,8 @@ class ChatServer:
         )
         self.connections: set[Connection] = set()
         self._waiting: set[Connection] = set()  # with a deadline: handshake or closing
+        # Connections on their way out (told why, in their grace time), oldest first.
+        self._closing: dict[Connection, None] = {}
         self.users: dict[str, Connection] = {}  # casefolded nickname -> connection
         self.per_address: dict[str, int] = collections.Counter()
         self.pending_bytes = 0  # large frames arriving, all together
@@ -801,11 +803,15 @@ class ChatServer:
         config = self.config
         host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]  # IPv4 via IPv6
         address = "[%s]:%d" % (host, peer[1]) if ":" in host else "%s:%d" % (host, peer[1])
-        if len(self.connections) >= config.max_clients:
-            log("refused %s: server full (%d clients)" % (address, config.max_clients))
-            _send_and_close(
-                sock, "Server is full (%d clients); try again later" % config.max_clients
-            )
+        full = config.max_clients and len(self.connections) >= config.max_clients
+        if full and self._closing:
+            # One on its way out makes room: a newcomer must not be turned away
+            # by connections the server has already refused.
+            self._destroy(next(iter(self._closing)))
+        if config.max_clients and len(self.connections) >= config.max_clients:
+            clients = plural(config.max_clients, "client")
+            log("refused %s: server full (%s)" % (address, clients))
+            _send_and_close(sock, "Server is full (%s); try again later" % clients)
             return
         per_address = config.max_per_address
         if per_address is None and not _is_loopback(host):
@@ -1171,6 +1177,12 @@ class ChatServer:
                 "nickname is not valid UTF-8",
             )
             return False
+        if self.password_digest is not None and conn.asked_nick is None:
+            # The nickname is checked only once the password is right: before
+            # that a peer learns nothing, not even who is online.
+            conn.asked_nick = nick
+            self._tell(conn, PASSWORD_REQUEST)
+            return True
         reason = check_nick(nick)
         if reason is None and nick.casefold() in self.users:
             reason = "%r is already in use" % nick
@@ -1181,10 +1193,6 @@ class ChatServer:
                 "nickname rejected: %s" % reason,
             )
             return False
-        if self.password_digest is not None and conn.asked_nick is None:
-            conn.asked_nick = nick
-            self._tell(conn, PASSWORD_REQUEST)
-            return True
         conn.asked_nick = None
         return self._join(conn, nick)
 
@@ -1318,11 +1326,13 @@ class ChatServer:
 
     def _cmd_nick(self, conn: Connection, line: str) -> None:
         """/nick NEW: change your nickname"""
-        parts = line.split()
+        parts = line.split(None, 1)
         if len(parts) != 2:
             self._tell(conn, "Nickname not changed: type /nick NEW")
             return
-        old, new = conn.nick or "", parts[1]
+        # All that follows the command is the new nickname, checked as at login
+        # ("/nick two words" is told that a nickname has no whitespace).
+        old, new = conn.nick or "", parts[1].strip()
         if new == old:
             self._tell(conn, "Nickname not changed: you are %s already" % new)
             return
@@ -1564,9 +1574,15 @@ class ChatServer:
                 self._destroy(conn)
             else:
                 self._waiting.discard(conn)
+                timeout = self.config.handshake_timeout
                 self._reject(
                     conn,
-                    "No nickname received within %g seconds" % self.config.handshake_timeout,
+                    "No %s received within %g second%s"
+                    % (
+                        "nickname" if conn.asked_nick is None else "password",
+                        timeout,
+                        "" if timeout == 1 else "s",
+                    ),
                     "handshake timeout",
                 )
 
@@ -1611,6 +1627,7 @@ class ChatServer:
         self._drop_large(conn)
         conn.deadline = time.monotonic() + grace
         self._waiting.add(conn)
+        self._closing[conn] = None
         if notice is not None:
             self._tell(conn, notice)
         elif not conn.out:
@@ -1650,6 +1667,7 @@ class ChatServer:
             return
         self.connections.discard(conn)
         self._waiting.discard(conn)
+        self._closing.pop(conn, None)
         self.per_address[conn.host] -= 1
         if not self.per_address[conn.host]:
             del self.per_address[conn.host]
@@ -2646,6 +2664,8 @@ class Screen:
     def clear_prompt(self) -> None:
         with self.lock:
             self.prompt_showing = False
+            if not self.interactive:  # no cursor control: nothing was drawn
+                return
             try:
                 sys.stdout.write("\r\x1b[K")
                 sys.stdout.flush()
@@ -2699,7 +2719,10 @@ class ChatClient:
         self.welcome_shown = threading.Event()
         self._main_left = threading.Event()  # the main thread no longer waits for input
         self.saved_terminal: Any = None  # termios settings, for a last-resort exit
-        self.screen = Screen(color, interactive)
+        # The prompt is redrawn with cursor movements only on a terminal that
+        # can take them; typing at a terminal with the output going to a file
+        # or a pipe gives plain lines there.
+        self.screen = Screen(color, interactive and _can_redraw())
         self.interactive = interactive
         self.reconnect = reconnect and interactive  # pipe mode never reconnects
         self.bell = bell and interactive
@@ -2796,6 +2819,8 @@ class ChatClient:
 
     def _type_loop(self) -> None:
         screen = self.screen
+        # No prompt in a file or a pipe that takes the output.
+        prompt = screen.PROMPT if _isatty(sys.stdout) else ""
         # The first prompt waits for the welcome, which comes at once.
         self.welcome_shown.wait(CONNECT_TIMEOUT)
         while not self.finished:
@@ -2804,7 +2829,7 @@ class ChatClient:
             try:
                 if self._ended():  # ended before the flag was up: no signal will come
                     return
-                line = input(screen.PROMPT)
+                line = input(prompt)
             except EOFError:
                 return
             finally:
@@ -2842,7 +2867,9 @@ class ChatClient:
             if not raw or line.strip() == QUIT_COMMAND:
                 return
             if line.strip():
-                self._send_line(line)
+                sent = self._send_line(line)
+                if sent is not None:  # our own message, shown like everyone else's
+                    self.screen.show(self.screen.chat_line(sent[0], self.nick, sent[1]))
 
     def _ended(self) -> bool:
         """Whether the receiver has ended the session (it changes behind our back)."""
@@ -3103,10 +3130,16 @@ def _ask_password() -> str | None:
         return None
 
 
+# What OpenSSL says when the other end answers a TLS handshake in plain text.
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+
+
 def _reason(exc: BaseException) -> str:
     verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
     if verify:
         return "certificate verify failed: %s" % verify
+    if getattr(exc, "reason", None) in _NOT_TLS:
+        return "the server does not speak TLS (connect without --tls)"
     if isinstance(exc, socket.gaierror):
         return "cannot resolve host name (%s)" % exc.strerror
     if isinstance(exc, socket.timeout):
@@ -3122,6 +3155,18 @@ def _fail(message: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # closed or replaced
+        return False
+
+
+def _can_redraw() -> bool:
+    """Whether stdout is a terminal that understands cursor movements."""
+    return _isatty(sys.stdout) and os.environ.get("TERM", "") != "dumb"
 
 
 def use_color(no_color_flag: bool, stream: Any = None) -> bool:
@@ -3248,7 +3293,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=DEFAULT_MAX_CLIENTS,
         metavar="N",
-        help="connections at once (default: %d)" % DEFAULT_MAX_CLIENTS,
+        help="connections at once, 0 for no limit but the open-file limit (default: %d)"
+        % DEFAULT_MAX_CLIENTS,
     )
     server.add_argument(
         "--handshake-timeout",
@@ -3465,7 +3511,7 @@ def _connect_redis(args: argparse.Namespace, config: ServerConfig) -> SharedChat
     return SharedChatServer(config, link, history)
 
 
-def _ask_nick() -> str | None:
+def _ask_nick(where: str) -> str | None:
     """Ask for a nickname on the terminal, or read it from the first line of input."""
     interactive = sys.stdin.isatty()
     while True:
@@ -3477,12 +3523,16 @@ def _ask_nick() -> str | None:
             return None
         nick = nick.strip()
         if not interactive and not nick:
+            _fail(
+                "cannot join %s: no nickname (give --nick NICK, or the nickname as the "
+                "first line of input)" % where
+            )
             return None
         reason = check_nick(nick)
         if reason is None:
             return nick
         if not interactive:
-            _fail("invalid nickname %r: %s" % (nick, reason))
+            _fail("cannot join %s: invalid nickname %r: %s" % (where, nick, reason))
             return None
         sys.stdout.write("A nickname %s.\n" % reason)
 
@@ -3493,9 +3543,12 @@ def run_client(args: argparse.Namespace) -> int:
         reconfigure = getattr(stream, "reconfigure", None)  # absent on a replaced stream
         if reconfigure is not None:
             reconfigure(errors="replace")
+    host = args.host
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as in a URL
+        host = host[1:-1]
     nick = args.nick
     if nick is None:
-        nick = _ask_nick()
+        nick = _ask_nick("%s:%d" % ("[%s]" % host if ":" in host else host, args.port))
         if nick is None:
             return 1 if not sys.stdin.isatty() else 0
     interactive = sys.stdin.isatty()
@@ -3511,9 +3564,6 @@ def run_client(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             _fail("cannot use the CA file %s: %s" % (args.cafile, _reason(exc)))
             return 1
-    host = args.host
-    if host.startswith("[") and host.endswith("]"):  # an IPv6 literal as in a URL
-        host = host[1:-1]
     client = ChatClient(
         host,
         args.port,

@@ -335,8 +335,16 @@ def test_old_nick_is_free_after_a_rename_and_the_new_one_is_taken(server, join):
             "/nick bad\u200bnick",
             "Nickname not changed: must not contain whitespace, control or format characters",
         ),
-        ("/nick two words", "Nickname not changed: type /nick NEW"),
+        (
+            "/nick two words",
+            "Nickname not changed: must not contain whitespace, control or format characters",
+        ),
+        (
+            "/nick tab\tbed",
+            "Nickname not changed: must not contain whitespace, control or format characters",
+        ),
         ("/nick", "Nickname not changed: type /nick NEW"),
+        ("/nick   ", "Nickname not changed: type /nick NEW"),
         ("/nick alice", "Nickname not changed: you are alice already"),
     ],
 )

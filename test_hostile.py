@@ -297,6 +297,28 @@ def test_max_clients_refuses_the_one_over_with_a_notice_and_frees_the_slot(start
     assert alice.recv_service() == "carol joined the chat (3 online)"
 
 
+def test_max_clients_counts_no_connection_the_server_has_already_refused(start_server, connect):
+    server = start_server("--max-clients", 2, "--handshake-timeout", 1)
+    alice = connect(server.port, "alice")
+    silent = connect(server.port)
+    # Refused at the timeout, it stays open on its side: in its grace time the
+    # server still holds the socket, but a newcomer takes its place.
+    assert silent.recv_frame() == b"No nickname received within 1 second"
+    server.wait_for_log("disconnected: handshake timeout")
+    connect(server.port, "fred")
+    assert alice.recv_service() == "fred joined the chat (2 online)"
+    # Two real users: the next one is turned away, with the count in words.
+    extra = connect(server.port)
+    assert extra.recv_until_closed() == ["Server is full (2 clients); try again later"]
+
+
+def test_max_clients_zero_means_no_limit(start_server, connect):
+    server = start_server("--max-clients", 0)
+    peers = [connect(server.port, f"u{i}") for i in range(5)]
+    drain_notices(peers[0], *(f"u{i} joined the chat ({i + 1} online)" for i in range(1, 5)))
+    assert "server full" not in server.log
+
+
 # ---------------------------------------------------------------------------
 # --handshake-timeout
 # ---------------------------------------------------------------------------
@@ -320,8 +342,9 @@ def test_handshake_timeout_closes_silent_half_sent_and_passwordless_connections(
     for i in range(5):
         bob.send_chat(f"during the handshakes {i}", nick="bob")
         assert alice.recv_chat(timeout=0.9)[1:] == ("bob", f"during the handshakes {i}")
-    for peer in (silent, partial, no_password):
-        assert peer.recv_until_closed() == ["No nickname received within 1 seconds"]
+    for peer in (silent, partial):
+        assert peer.recv_until_closed() == ["No nickname received within 1 second"]
+    assert no_password.recv_until_closed() == ["No password received within 1 second"]
     elapsed = time.monotonic() - started
     assert 0.9 <= elapsed <= 4.0, elapsed
     assert server.wait_for_count("disconnected: handshake timeout", 3) == 3, server.log
@@ -638,7 +661,7 @@ def test_tls_plain_and_silent_clients_stall_nobody(start_server, connect, cert, 
         time.sleep(0.05)  # a chat's pace, well under the rate limit
     assert rounds >= 3
     # and they are closed at the handshake timeout
-    assert tls_silent.recv_until_closed() == ["No nickname received within 1 seconds"]
+    assert tls_silent.recv_until_closed() == ["No nickname received within 1 second"]
     for peer in (silent, stalled):
         frames = peer.recv_until_closed()  # nothing can be said in TLS before the handshake
         assert all(text.startswith("No nickname received") for text in frames), frames
@@ -769,6 +792,17 @@ def test_plain_selchat_client_against_a_tls_server_is_told_why(start_server, cer
     assert PLAIN_TO_TLS in out + err, (out, err)
 
 
+def test_tls_selchat_client_against_a_plain_server_is_told_why(start_server, piped_client):
+    server = start_server()
+    dave = piped_client("--port", server.port, "--nick", "dave", "--tls")
+    status, _out, err = dave.finish()
+    assert status == 1
+    assert err == (
+        f"selchat: cannot connect to 127.0.0.1:{server.port}: "
+        "the server does not speak TLS (connect without --tls)\n"
+    ), err
+
+
 # ---------------------------------------------------------------------------
 # The password
 # ---------------------------------------------------------------------------
@@ -805,6 +839,25 @@ def test_password_wrong_ones_are_refused_before_seeing_or_sending_anything(start
     assert alice.recv_service() == "bob joined the chat (2 online)"
     bob.send_chat("hi", nick="bob")
     assert alice.recv_chat()[1:] == ("bob", "hi")
+
+
+def test_password_comes_before_any_word_on_the_nickname(start_server, connect):
+    # Without the password a peer learns nothing: not who is online, not even
+    # whether its nickname would do.
+    server = start_server("--password", "s3cret")
+    connect(server.port, "alice", password="s3cret")
+    for nick in ("ALICE", "two words", "x" * 40):
+        mallory = connect(server.port)
+        mallory.send_frame(nick)
+        assert mallory.recv_service() == PASSWORD_REQUIRED, nick
+        mallory.send_frame("wrong")
+        assert mallory.recv_until_closed() == ["Wrong password"], nick
+    # With the right one, the nickname is checked as ever.
+    taken = connect(server.port)
+    taken.send_frame("ALICE")
+    assert taken.recv_service() == PASSWORD_REQUIRED
+    taken.send_frame("s3cret")
+    assert taken.recv_until_closed() == ['Nickname rejected: "ALICE" is already in use']
 
 
 def test_password_from_the_environment_and_from_a_file(

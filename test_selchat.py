@@ -17,6 +17,7 @@ even when the test fails. The raw peer and the process helpers that every test
 file shares are in selchat_testkit.py, their fixtures in conftest.py.
 """
 
+import os
 import re
 import signal
 import socket
@@ -1558,7 +1559,87 @@ def test_pipe_mode_with_an_invalid_first_line_nickname_exits_one_with_one_line(
     client.close_stdin()
     assert client.wait_exit() == 1
     err = bytes(client.err).decode()
-    assert err.count("\n") == 1 and err.startswith("selchat: invalid nickname"), err
+    assert err == (
+        "selchat: cannot join 127.0.0.1:%d: invalid nickname 'two words': "
+        "must not contain whitespace, control or format characters\n" % server.port
+    ), err
+
+
+def test_pipe_mode_shows_the_users_own_messages_like_everyone_elses(server, connect, piped_client):
+    bob = connect(server.port, "bob", online=1)
+    client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice")
+    client.write("hello there\n")
+    assert bob.recv_service() == "alice joined the chat (2 online)"
+    assert bob.recv_chat()[1:] == ("alice", "hello there")
+    bob.send_chat("hi alice", nick="bob")
+    client.wait_for_output(b"bob: hi alice")
+    status, out, err = client.finish()
+    assert status == 0, err
+    shown = [line for line in out.splitlines() if not line.startswith("Welcome")]
+    assert len(shown) == 2, out
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] alice: hello there", shown[0]), out
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] bob: hi alice", shown[1]), out
+
+
+def test_pipe_mode_without_any_nickname_exits_one_with_one_line_naming_the_server(
+    server, piped_client
+):
+    client = piped_client("--host", "127.0.0.1", "--port", server.port)
+    status, _, err = client.finish()
+    assert status == 1
+    assert err == (
+        "selchat: cannot join 127.0.0.1:%d: no nickname (give --nick NICK, or the "
+        "nickname as the first line of input)\n" % server.port
+    ), err
+
+
+def test_typing_at_a_terminal_with_the_output_in_a_pipe_writes_no_escape_codes(server, connect):
+    # stdin a terminal, stdout a pipe: colour is off, and so is every cursor
+    # movement ("off means no colour codes at all"); no prompt lands in the pipe.
+    bob = connect(server.port, "bob", online=1)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "client", "--port", str(server.port), "--nick", "alice"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(TERM="xterm-256color", FORCE_COLOR=None),
+    )
+    os.close(slave)
+    out = bytearray()
+    arrived = threading.Condition()
+
+    def drain():
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            with arrived:
+                out.extend(chunk)
+                arrived.notify_all()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert bob.recv_service() == "alice joined the chat (2 online)"
+        os.write(master, b"typed here\r")
+        assert bob.recv_chat()[1:] == ("alice", "typed here")
+        bob.send_chat("hi alice", nick="bob")
+        with arrived:
+            assert arrived.wait_for(lambda: b"bob: hi alice" in out, TIMEOUT), bytes(out)
+        os.write(master, b"<quit<\r")
+        assert proc.wait(TIMEOUT) == 0
+        reader.join(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert b"\x1b" not in out and b"> " not in out, bytes(out)
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("Welcome to selchat, alice!"), lines
+    assert [line.split("] ", 1)[1] for line in lines[1:]] == ["alice: typed here", "bob: hi alice"]
+    assert b"Traceback" not in err, err
 
 
 @pytest.mark.parametrize(
