@@ -2768,6 +2768,13 @@ class ChatClient:
             password = self.password
             if password is None and ask:
                 password = _ask_password()
+                if password is not None:
+                    # A person may type for longer than the server's handshake
+                    # timeout: start again on a new connection, password known.
+                    self.password = password
+                    sock.close()
+                    self.connect(ask=False)
+                    return
             if password is None:
                 raise ConnectionError(
                     "the server wants a password: give --password or set SELCHAT_PASSWORD"

@@ -963,6 +963,31 @@ def test_password_is_asked_on_a_terminal_without_echo(start_server, connect):
         child.close(force=True)
 
 
+@needs_pty
+def test_password_typed_slower_than_the_handshake_timeout_still_gets_in(start_server, connect):
+    server = start_server("--password", "slow", "--handshake-timeout", 1)
+    alice = connect(server.port, "alice", password="slow")
+    child = pexpect.spawn(
+        sys.executable,
+        [str(SCRIPT), "client", "--port", str(server.port), "--nick", "tortoise"],
+        env=clean_env(NO_COLOR="1", TERM="xterm"),
+        timeout=TIMEOUT,
+    )
+    try:
+        child.expect("Password: ")
+        # The person is still typing when the server gives up on that connection.
+        server.wait_for_log("disconnected: handshake timeout")
+        child.sendline("slow")
+        child.expect("Welcome to selchat, tortoise!")
+        assert alice.recv_service() == "tortoise joined the chat (2 online)"
+        child.sendline("<quit<")
+        child.expect(pexpect.EOF)
+        child.wait()
+        assert child.exitstatus == 0
+    finally:
+        child.close(force=True)
+
+
 # ---------------------------------------------------------------------------
 # Property-based fuzz: hostile peers while two honest users chat
 # ---------------------------------------------------------------------------
