@@ -1844,10 +1844,9 @@ if owner and owner ~= ARGV[1] then return 0 end
 local now = redis.call('TIME')
 local ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
 redis.call('ZADD', KEYS[2], ms + ARGV[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return redis.call('ZCARD', KEYS[2])
+return redis.call('ZCOUNT', KEYS[2], ms, '+inf')
 """
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -1860,8 +1859,17 @@ return redis.call('ZCOUNT', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000), 
 """
 _WHO_SCRIPT = """
 local now = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now[1] * 1000 + math.floor(now[2] / 1000))
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now[1] * 1000 + math.floor(now[2] / 1000), '+inf')
+"""
+# Claims that ran out (a server that died without a goodbye): taken out of the
+# room by whichever heartbeat comes first, which announces them, so that their
+# leaving is told once.
+_EXPIRE_SCRIPT = """
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms)
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms) end
+return gone
 """
 
 
@@ -1901,6 +1909,7 @@ class RedisLink:
         self._claim: Any = None
         self._release: Any = None
         self._who: Any = None
+        self._expire: Any = None
         self._count: Any = None
 
     # -- in the main thread --------------------------------------------------
@@ -1916,6 +1925,7 @@ class RedisLink:
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._release = client.register_script(_RELEASE_SCRIPT)
         self._who = client.register_script(_WHO_SCRIPT)
+        self._expire = client.register_script(_EXPIRE_SCRIPT)
         self._count = client.register_script(_COUNT_SCRIPT)
         # The history before the subscription: a message published in between
         # may be missing from it, but is never in it twice.
@@ -2064,17 +2074,31 @@ class RedisLink:
     def claim(self, key: str, member: str, client: Any) -> int:
         return int(self._claim(keys=[self.nick_key(key), self.who_key], args=[member, self.ttl_ms]))
 
-    def heartbeat(self, members: list[tuple[str, str]], client: Any) -> tuple[list[str], int]:
-        """Refresh (or claim again) every local user; return the lost ones and the room's size."""
+    def heartbeat(
+        self, members: list[tuple[str, str]], client: Any
+    ) -> tuple[list[str], int, str | None]:
+        """Refresh (or claim again) every local user, and take out the users of
+        servers that stopped answering; return the lost nicknames, the room's
+        size and the notice that those users left, if any."""
         pipe = client.pipeline(transaction=False)
+        self._expire(keys=[self.who_key], client=pipe)
         for key, member in members:
             self._claim(
                 keys=[self.nick_key(key), self.who_key], args=[member, self.ttl_ms], client=pipe
             )
         self._who(keys=[self.who_key], client=pipe)
         results = pipe.execute()
-        lost = [key for (key, _), ok in zip(members, results) if not ok]
-        return lost, len(results[-1])
+        lost = [key for (key, _), ok in zip(members, results[1:]) if not ok]
+        room = len(results[-1])
+        ours = self.instance.decode("ascii")
+        gone = []
+        for raw in results[0]:
+            fields = raw.decode("utf-8", "replace").split("\t")
+            if len(fields) == 4 and fields[0] != ours:  # ours were just claimed again
+                gone.append(fields[2])
+        if not gone:
+            return lost, room, None
+        return lost, room, "%s left the chat (%d online)" % (_names(gone), room)
 
     def who(self, client: Any) -> list[str]:
         return [member.decode("utf-8", "replace") for member in self._who(keys=[self.who_key])]
@@ -2250,10 +2274,13 @@ class SharedChatServer(ChatServer):
     def _heartbeat_done(self, result: Any) -> None:
         if isinstance(result, BaseException):
             return
-        lost, room = result
+        lost, room, gone = result
         for key in lost:
             log("%s: the nickname is in use on another server too" % key)
         self._others = max(room - len(self.users), 0)
+        if gone is not None:  # users of a server that stopped answering: told everywhere
+            log("their server stopped answering: %s" % gone)
+            self._notice(gone)
 
     # -- what other servers send -----------------------------------------
 

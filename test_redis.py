@@ -418,12 +418,20 @@ def test_redis_restarted_mid_conversation(start_server, join):
 def test_users_of_a_killed_server_vanish_within_the_ttl(redis_url, start_server, join):
     first = start_server(redis_url, "--redis-ttl", "1.5")
     second = start_server(redis_url, "--redis-ttl", "1.5")
+    third = start_server(redis_url, "--redis-ttl", "1.5")
     join(first, "alice")
     bob = join(second, "bob")
-    assert who(bob).startswith("2 users online")
+    carol = join(third, "carol")
+    assert bob.recv_service() == "carol joined the chat (3 online)"
     killed_at = time.monotonic()
     first.proc.send_signal(signal.SIGKILL)
-    until(lambda: who(bob).startswith("1 user online: bob"), timeout=5)
+    # The first heartbeat after alice's claim ran out takes her out of the room
+    # and tells every server's users, once.
+    for user in (bob, carol):
+        assert user.recv_service(timeout=5) == "alice left the chat (2 online)"
+    for user in (bob, carol):  # the next frame is the answer: no second notice
+        user.send_frame("/who")
+        assert user.recv_service().startswith("2 users online: ")
     taken = Peer(second.port)
     taken.send_frame("alice")
     assert taken.recv_service().startswith("Welcome to selchat, alice!")
