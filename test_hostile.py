@@ -940,8 +940,12 @@ def test_a_newcomers_first_message_comes_after_its_join_notice(start_server, con
 
 
 @needs_pty
-def test_password_is_asked_on_a_terminal_without_echo(start_server, connect):
-    server = start_server("--password", "typed secret")
+@pytest.mark.parametrize("slower_than_the_timeout", [False, True], ids=["prompt", "slow typist"])
+def test_password_is_asked_on_a_terminal_without_echo(
+    start_server, connect, slower_than_the_timeout
+):
+    timeout = ("--handshake-timeout", 1) if slower_than_the_timeout else ()
+    server = start_server("--password", "typed secret", *timeout)
     alice = connect(server.port, "alice", password="typed secret")
     child = pexpect.spawn(
         sys.executable,
@@ -951,35 +955,14 @@ def test_password_is_asked_on_a_terminal_without_echo(start_server, connect):
     )
     try:
         child.expect("Password: ")
+        if slower_than_the_timeout:
+            # The person is still typing when the server gives up on that
+            # connection: the client joins afresh with what was typed.
+            server.wait_for_log("disconnected: handshake timeout")
         child.sendline("typed secret")
         child.expect("Welcome to selchat, tty!")
         assert b"typed secret" not in child.before
         assert alice.recv_service() == "tty joined the chat (2 online)"
-        child.sendline("<quit<")
-        child.expect(pexpect.EOF)
-        child.wait()
-        assert child.exitstatus == 0
-    finally:
-        child.close(force=True)
-
-
-@needs_pty
-def test_password_typed_slower_than_the_handshake_timeout_still_gets_in(start_server, connect):
-    server = start_server("--password", "slow", "--handshake-timeout", 1)
-    alice = connect(server.port, "alice", password="slow")
-    child = pexpect.spawn(
-        sys.executable,
-        [str(SCRIPT), "client", "--port", str(server.port), "--nick", "tortoise"],
-        env=clean_env(NO_COLOR="1", TERM="xterm"),
-        timeout=TIMEOUT,
-    )
-    try:
-        child.expect("Password: ")
-        # The person is still typing when the server gives up on that connection.
-        server.wait_for_log("disconnected: handshake timeout")
-        child.sendline("slow")
-        child.expect("Welcome to selchat, tortoise!")
-        assert alice.recv_service() == "tortoise joined the chat (2 online)"
         child.sendline("<quit<")
         child.expect(pexpect.EOF)
         child.wait()
@@ -1228,25 +1211,14 @@ def test_fuzz_hostile_peers_never_cost_honest_users_a_message(start_server, conn
 # ---------------------------------------------------------------------------
 
 
-def _raw_register(port, nick):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(frame(nick))
-    body = read_frame(sock)
-    assert body.startswith(b"Welcome"), body
-    return sock
-
-
 def _relays(port):
     """Whether a message from one new user reaches another: the server is not stuck."""
-    a, b = _raw_register(port, "ann"), _raw_register(port, "ben")
+    a, b = Peer(port), Peer(port)
     try:
-        a.sendall(frame(chat_payload("still here", nick="ann")))
-        data = b""
-        while b"still here" not in data:
-            chunk = b.recv(4096)  # the socket timeout is the deadline
-            assert chunk
-            data += chunk
-        return True
+        a.register("ann")
+        b.register("ben")
+        a.send_chat("still here", nick="ann")
+        return b.recv_chat_skipping_notices()[1:] == ("ann", "still here")
     finally:
         a.close()
         b.close()
@@ -1274,7 +1246,9 @@ def test_a_stderr_pipe_nobody_reads_never_stops_the_server_and_no_log_line_is_lo
         # far more log than the pipe holds (64 KiB on Linux).
         users = 800
         for i in range(users):
-            _raw_register(port, f"u{i}").close()
+            peer = Peer(port)
+            peer.register(f"u{i}")
+            peer.close()
         assert _relays(port)
         proc.send_signal(signal.SIGINT)
         reader = threading.Thread(
@@ -1357,46 +1331,17 @@ def _own_address():
 
 
 @pytest.mark.skipif(_own_address() is None, reason="needs a non-loopback IPv4 address")
-def test_max_per_address_default_limits_a_non_loopback_address_to_256(start_server):
+def test_max_per_address_default_limits_a_non_loopback_address_to_256(start_server, connect):
     address = _own_address()
     server = start_server("--host", address)  # its own address: the peer is not loopback
-    peers = []
-
-    def open_peer(nick=None):
-        sock = socket.create_connection((address, server.port), timeout=TIMEOUT)
-        peers.append(sock)
-        if nick is not None:
-            sock.sendall(frame(nick))
-        return sock
-
-    try:
-        first = open_peer("first")
-        assert read_frame(first).startswith(b"Welcome to selchat, first!")
-        for _ in range(255):
-            open_peer()
-        over = open_peer("over")
-        assert read_frame(over) == b"Too many connections from your address (256); try again later"
-        server.wait_for_log(
-            r"refused %s:\d+: 256 connections from that address" % re.escape(address)
-        )
-        first.close()
-        server.wait_for_log(r"first .*disconnected")
-        again = open_peer("again")  # the slot is free again
-        assert read_frame(again).startswith(b"Welcome to selchat, again!")
-    finally:
-        for sock in peers:
-            sock.close()
-
-
-def read_frame(sock):
-    header = b""
-    while len(header) < 10:
-        chunk = sock.recv(10 - len(header))
-        assert chunk, "closed before a whole frame"
-        header += chunk
-    body = b""
-    while len(body) < int(header):
-        chunk = sock.recv(int(header) - len(body))
-        assert chunk, "closed in the middle of a frame"
-        body += chunk
-    return body
+    first = connect(server.port, "first", host=address)
+    for _ in range(255):
+        connect(server.port, host=address)
+    over = connect(server.port, host=address)
+    assert over.recv_until_closed() == [
+        "Too many connections from your address (256); try again later"
+    ]
+    server.wait_for_log(r"refused %s:\d+: 256 connections from that address" % re.escape(address))
+    first.close()
+    server.wait_for_log(r"first .*disconnected")
+    connect(server.port, "again", host=address)  # the slot is free again
