@@ -47,7 +47,7 @@ Every wait is bounded in time; nothing leaves 127.0.0.1.
 BENCH_PROFILE=DIR runs every load generator process under cProfile and saves
 the statistics in DIR (to check that the generator is not the bottleneck).
 
-    python bench/bench.py                       # everything, ~4-6 minutes on 2 cores
+    python bench/bench.py                       # everything, ~8 minutes on 2 cores
     python bench/bench.py --quick               # smoke run, ~35 seconds
     python bench/bench.py --servers selchat,asyncio --scenarios fanout
     python bench/bench.py --chart bench.png --json results.json
