@@ -120,7 +120,7 @@ QUIT_COMMAND = "<quit<"
 SHUTDOWN_NOTICE = "Server is shutting down. Goodbye!"
 # How long the server keeps delivering what it owes after SIGINT/SIGTERM, and
 # how long a connection being closed may take to take its last notice.
-SHUTDOWN_GRACE = 1.5  # what is owed goes out within this; the whole exit stays under 2 s
+SHUTDOWN_GRACE = 1.5  # what is owed goes out within this, so that the exit takes about 2 s at most
 CLOSE_GRACE = 2.0
 # One recv() this large drains a busy socket in few calls and holds many frames
 # that are then relayed together.
@@ -475,7 +475,7 @@ def _stderr_ready(timeout: float) -> bool:
     try:
         fd = sys.stderr.fileno()
         return bool(select.select([], [fd], [], timeout)[1])
-    except (OSError, ValueError):  # no real file behind it: write() decides
+    except (AttributeError, OSError, ValueError):  # no real file behind it: write() decides
         return True
 
 
@@ -485,7 +485,7 @@ def _write_log(line: str) -> None:
     try:
         sys.stderr.write(line)
         sys.stderr.flush()
-    except (OSError, ValueError):  # stderr gone: keep serving
+    except (AttributeError, OSError, ValueError):  # stderr gone (or None): keep serving
         pass
 
 
@@ -804,11 +804,7 @@ class ChatServer:
         host = peer[0][7:] if peer[0].startswith("::ffff:") else peer[0]  # IPv4 via IPv6
         address = "[%s]:%d" % (host, peer[1]) if ":" in host else "%s:%d" % (host, peer[1])
         full = config.max_clients and len(self.connections) >= config.max_clients
-        if full and self._closing:
-            # One on its way out makes room: a newcomer must not be turned away
-            # by connections the server has already refused.
-            self._destroy(next(iter(self._closing)))
-        if config.max_clients and len(self.connections) >= config.max_clients:
+        if full and not self._closing:
             clients = plural(config.max_clients, "client")
             log("refused %s: server full (%s)" % (address, clients))
             _send_and_close(sock, "Server is full (%s); try again later" % clients)
@@ -822,6 +818,11 @@ class ChatServer:
                 sock, "Too many connections from your address (%d); try again later" % per_address
             )
             return
+        if full:
+            # One on its way out makes room: a newcomer must not be turned away
+            # by connections the server has already refused. (An event of its
+            # own later in this turn finds it gone: see _on_client_event.)
+            self._destroy(next(iter(self._closing)))
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -896,6 +897,8 @@ class ChatServer:
     # -- reading ----------------------------------------------------------
 
     def _on_client_event(self, conn: Connection, mask: int) -> None:
+        if conn not in self.connections:  # closed earlier in this turn
+            return
         if conn.tls and conn.tls != TLS_ON:
             self._tls_step(conn)
             return
@@ -1522,7 +1525,7 @@ class ChatServer:
         if self._overflowed:
             overflowed, self._overflowed = self._overflowed, []
             for conn in overflowed:
-                if not conn.closing:
+                if not conn.closing and conn in self.connections:
                     self._drop_slow_reader(conn)
         if self._joined or self._left:
             self._announce()
@@ -1621,6 +1624,8 @@ class ChatServer:
     def _close_when_done(
         self, conn: Connection, notice: str | None, grace: float = CLOSE_GRACE
     ) -> None:
+        if conn not in self.connections:  # closed already
+            return
         conn.closing = True
         conn.tail = bytearray()
         conn.skip = 0
@@ -1668,6 +1673,7 @@ class ChatServer:
         self.connections.discard(conn)
         self._waiting.discard(conn)
         self._closing.pop(conn, None)
+        conn.writing = False
         self.per_address[conn.host] -= 1
         if not self.per_address[conn.host]:
             del self.per_address[conn.host]
@@ -2091,10 +2097,13 @@ class RedisLink:
         lost = [key for (key, _), ok in zip(members, results[1:]) if not ok]
         room = len(results[-1])
         ours = self.instance.decode("ascii")
+        online = {_member_nick(raw).casefold() for raw in results[-1]}
         gone = []
         for raw in results[0]:
             fields = raw.decode("utf-8", "replace").split("\t")
-            if len(fields) == 4 and fields[0] != ours:  # ours were just claimed again
+            # Ours were just claimed again; a nickname someone has taken since
+            # is online again, under that someone.
+            if len(fields) == 4 and fields[0] != ours and fields[2].casefold() not in online:
                 gone.append(fields[2])
         if not gone:
             return lost, room, None
@@ -2152,6 +2161,12 @@ class RedisLink:
             b"".join((SHARED_PRIVATE, self.instance, key.encode("utf-8"), b"\0", frame)),
         )
         return frame
+
+
+def _member_nick(raw: bytes) -> str:
+    """The nickname in a "who" entry ("instance TAB server TAB nick TAB joined")."""
+    fields = raw.decode("utf-8", "replace").split("\t")
+    return fields[2] if len(fields) == 4 else ""
 
 
 def split_frames(data: bytes, start: int) -> list[int] | None:
@@ -2378,6 +2393,8 @@ class SharedChatServer(ChatServer):
         return False
 
     def _on_held_event(self, conn: Connection, mask: int) -> None:
+        if conn not in self.connections:  # closed earlier in this turn
+            return
         if mask & selectors.EVENT_WRITE:
             self._send(conn)
         if not mask & selectors.EVENT_READ or conn not in self.connections:
@@ -2816,7 +2833,7 @@ class ChatClient:
         try:
             self.connect()
         except (OSError, ProtocolError) as exc:
-            _fail("cannot connect to %s: %s" % (self.where, _reason(exc)))
+            _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
             return 1
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._on_session_ended)
@@ -2853,8 +2870,9 @@ class ChatClient:
 
     def _type_loop(self) -> None:
         screen = self.screen
-        # No prompt in a file or a pipe that takes the output.
-        prompt = screen.PROMPT if _isatty(sys.stdout) else ""
+        # A prompt only where it is redrawn below arriving messages: not in a
+        # file or a pipe that takes the output, nor on a dumb terminal.
+        prompt = screen.PROMPT if screen.interactive else ""
         # The first prompt waits for the welcome, which comes at once.
         self.welcome_shown.wait(CONNECT_TIMEOUT)
         while not self.finished:
@@ -3048,7 +3066,7 @@ class ChatClient:
             except (OSError, ProtocolError) as exc:
                 self._close_socket()
                 failures += 1
-                why = "Cannot reconnect to %s: %s." % (self.where, _reason(exc))
+                why = "Cannot reconnect to %s: %s." % (self.where, _connect_reason(exc))
                 continue
             self.welcomed = False
             self.last_notice = ""
@@ -3168,12 +3186,17 @@ def _ask_password() -> str | None:
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 
 
+def _connect_reason(exc: BaseException) -> str:
+    """Why the client could not connect."""
+    if getattr(exc, "reason", None) in _NOT_TLS:
+        return "the server does not speak TLS (connect without --tls)"
+    return _reason(exc)
+
+
 def _reason(exc: BaseException) -> str:
     verify = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError
     if verify:
         return "certificate verify failed: %s" % verify
-    if getattr(exc, "reason", None) in _NOT_TLS:
-        return "the server does not speak TLS (connect without --tls)"
     if isinstance(exc, socket.gaierror):
         return "cannot resolve host name (%s)" % exc.strerror
     if isinstance(exc, socket.timeout):

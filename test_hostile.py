@@ -1345,3 +1345,65 @@ def test_max_per_address_default_limits_a_non_loopback_address_to_256(start_serv
     first.close()
     server.wait_for_log(r"first .*disconnected")
     connect(server.port, "again", host=address)  # the slot is free again
+
+
+# ---------------------------------------------------------------------------
+# The loop's own bookkeeping, driven in-process over socket pairs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loop(capsys):
+    """A ChatServer that is never started: its connections are socket pairs."""
+    sys.path.insert(0, str(HERE))
+    import selchat
+
+    server = selchat.ChatServer(selchat.ServerConfig(host="127.0.0.1", port=0, max_clients=2))
+    server._now = time.monotonic()
+    peers = []
+
+    def add():
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        before = set(server.connections)
+        server._add_connection(ours, ("127.0.0.1", 40000 + len(peers)))
+        (conn,) = set(server.connections) - before or (None,)
+        return conn, theirs
+
+    server.add = add
+    yield server
+    for conn in list(server.connections):
+        server._destroy(conn)
+    server.selector.close()
+    for sock in peers:
+        sock.close()
+
+
+def test_a_connection_reclaimed_for_a_newcomer_ignores_its_events_of_the_same_turn(loop):
+    import selectors
+
+    closing, _ = loop.add()
+    loop.add()
+    loop._close_when_done(closing, "Disconnected: bye")
+    # Its notice is stuck (as with a peer that does not read): it waits for
+    # EVENT_WRITE, which the same select() may report with the newcomer.
+    closing.writing = True
+    loop.selector.modify(
+        closing.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, closing.handler
+    )
+    newcomer, _ = loop.add()
+    assert newcomer is not None and closing not in loop.connections
+    closing.handler(selectors.EVENT_READ | selectors.EVENT_WRITE)  # must not touch its socket
+    loop._end_of_turn()
+    assert newcomer in loop.connections and closing not in loop.connections
+    assert len(loop.connections) == 2
+
+
+def test_a_connection_lost_in_the_turn_it_overflowed_is_not_revived(loop):
+    conn, _ = loop.add()
+    loop._overflowed.append(conn)  # its queue went over --max-queue in a broadcast
+    loop._destroy(conn)  # and then its own read failed, in the same turn
+    loop._end_of_turn()
+    assert conn not in loop._waiting and conn not in loop._closing
+    other, _ = loop.add()
+    assert other is not None and len(loop.connections) == 1
