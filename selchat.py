@@ -2566,9 +2566,18 @@ class Screen:
     (and a half-typed line) is showing, and draws it again below a new message.
 
     The main thread waits in readline's input() while the receiver thread
-    prints. The prompt counts as showing only once readline has drawn it (its
+    receives. The prompt counts as showing only once readline has drawn it (its
     pre-input hook says so); a message printed while it is not showing is
     printed on a cleared line, and the hook then draws the prompt again.
+
+    While the prompt shows, readline owns the terminal and its C state is not
+    thread-safe: the receiver thread then only hands its lines over, and the
+    main thread prints them between two keystrokes, from readline's input
+    hook (PyOS_InputHook, called at least every 0.1 s while readline waits).
+    A signal handled inside a hook would be swallowed there (readline and
+    ctypes ignore a hook's exceptions): ``defer()`` sends it again for the
+    plain wait that follows, with the input hook taken down until the next
+    prompt.
     """
 
     PROMPT = "> "
@@ -2583,6 +2592,10 @@ class Screen:
         self._printed = 0  # messages printed while the prompt was not showing
         self.in_hook = False  # readline's pre-input hook is running
         self._printed_before_input = 0
+        self._held: list[str] = []  # lines for the main thread to print above the prompt
+        self._hook_slot: Any = None  # PyOS_InputHook, when we could reach it
+        self._hook_function: Any = None  # our hook, as a C function pointer (kept alive)
+        self._hook_codes = {self._input_hook.__code__, self._prompt_drawn.__code__}
         if interactive:
             try:
                 import readline  # POSIX: line editing and history
@@ -2598,14 +2611,69 @@ class Screen:
                 import ctypes
 
                 self._redraw = ctypes.CDLL(readline.__file__).rl_forced_update_display
+                self._hook_function = ctypes.CFUNCTYPE(ctypes.c_int)(self._input_hook)
+                self._hook_slot = ctypes.c_void_p.in_dll(ctypes.pythonapi, "PyOS_InputHook")
             except Exception:  # noqa: BLE001 - no ctypes, or a readline without that function
-                pass
+                self._hook_slot = None
+
+    def _set_input_hook(self, on: bool) -> None:
+        if self._hook_slot is not None:
+            import ctypes
+
+            self._hook_slot.value = (
+                ctypes.cast(self._hook_function, ctypes.c_void_p).value if on else None
+            )
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the main thread prints what arrives while the prompt shows."""
+        return self._hook_slot is not None
+
+    def _input_hook(self) -> int:
+        # Called by readline in the main thread, between keystrokes.
+        try:
+            if self._held:
+                with self.lock:
+                    if self._held and self.prompt_showing:
+                        held, self._held = self._held, []
+                        self._above_prompt("\n".join(held))
+                        self._flush()
+        except Exception:  # noqa: BLE001 - an exception here would only be printed by ctypes
+            pass
+        return 0
+
+    def defer(self, signum: int, frame: Any) -> bool:
+        """In a signal handler: True when the main thread is inside a readline
+        hook, where raising is useless; the signal is then sent again shortly,
+        for readline's next wait, which handles it properly."""
+        depth = 0
+        while frame is not None and depth < 32:
+            if frame.f_code in self._hook_codes:
+                break
+            frame = frame.f_back
+            depth += 1
+        else:
+            return False
+        self._set_input_hook(False)  # the next wait is a plain select(): no hook to land in
+        main = threading.main_thread().ident
+        timer = threading.Timer(0.02, _signal_thread, (main, signum))
+        timer.daemon = True
+        timer.start()
+        return True
+
+    def close(self) -> None:
+        self._set_input_hook(False)
 
     def before_input(self) -> None:
         with self.lock:
+            if self._held:  # handed over after the last prompt went: plain lines now
+                held, self._held = self._held, []
+                self._printed += len(held)
+                self._write("\r\x1b[K" + "\n".join(held) + "\n")
             self._printed_before_input = self._printed
             if self.readline is None:  # no hook will tell us: assume it is drawn
                 self.prompt_showing = True
+        self._set_input_hook(True)
 
     def after_input(self) -> None:
         with self.lock:
@@ -2688,16 +2756,23 @@ class Screen:
             try:
                 if not self.interactive:
                     sys.stdout.write(line + "\n")
-                elif typed is not None:
+                    sys.stdout.flush()
+                    return
+                if (
+                    self.prompt_showing
+                    and self.hooked
+                    and threading.current_thread() is not threading.main_thread()
+                ):
+                    self._held.append(line)  # printed by the main thread
+                    return
+                if self._held:  # what was handed over comes first
+                    line = "\n".join([*self._held, line])
+                    self._held = []
+                if typed is not None:
                     rows = _rows(len(self.PROMPT) + _width(typed))
                     sys.stdout.write("\x1b[%dA\r\x1b[J%s\n" % (rows, line))
                 elif self.prompt_showing:
-                    # Clear the prompt line(s), print above, redraw prompt and typed text.
-                    typed = self.readline.get_line_buffer() if self.readline else ""
-                    rows = _rows(len(self.PROMPT) + _width(typed or ""))
-                    up = "\x1b[%dA" % (rows - 1) if rows > 1 else ""
-                    sys.stdout.write("\r" + up + "\x1b[J" + line + "\n")
-                    self._draw_prompt(typed or "")
+                    self._above_prompt(line)
                 else:
                     self._printed += 1
                     sys.stdout.write("\r\x1b[K" + line + "\n")
@@ -2705,16 +2780,38 @@ class Screen:
             except (OSError, ValueError):  # stdout closed (for example `| head`)
                 pass
 
+    def _above_prompt(self, text: str) -> None:
+        """Clear the prompt line(s), print text above, redraw prompt and typed text."""
+        typed = self.readline.get_line_buffer() if self.readline else ""
+        rows = _rows(len(self.PROMPT) + _width(typed or ""))
+        up = "\x1b[%dA" % (rows - 1) if rows > 1 else ""
+        sys.stdout.write("\r" + up + "\x1b[J" + text + "\n")
+        self._draw_prompt(typed or "")
+
+    @staticmethod
+    def _write(text: str) -> None:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
     def clear_prompt(self) -> None:
+        self._set_input_hook(False)
         with self.lock:
             self.prompt_showing = False
             if not self.interactive:  # no cursor control: nothing was drawn
                 return
-            try:
-                sys.stdout.write("\r\x1b[K")
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
+            held, self._held = self._held, []
+            self._write("\r\x1b[K" + "".join(line + "\n" for line in held))
+
+
+def _signal_thread(ident: int | None, signum: int) -> None:
+    if ident is not None and hasattr(signal, "pthread_kill"):
+        try:
+            signal.pthread_kill(ident, signum)
+        except (OSError, ValueError):  # the main thread has gone
+            pass
 
 
 def _width(text: str) -> int:
@@ -2837,6 +2934,9 @@ class ChatClient:
             return 1
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._on_session_ended)
+        if self.screen.hooked:
+            signal.signal(signal.SIGINT, self._on_interrupt)
+            signal.signal(signal.SIGTERM, self._on_interrupt)
         self.linked = True
         self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
         try:
@@ -2931,8 +3031,17 @@ class ChatClient:
         # Runs in the main thread between two of its steps. Only a wait for
         # input needs breaking; anywhere else the main thread sees `finished`
         # by itself, and an exception there would land where none is expected.
+        if self.screen.defer(signum, frame):
+            return
         if self.waiting_for_input and not self.screen.in_hook:
             raise SessionEnded()
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        # Ctrl+C or SIGTERM: leave, unless it landed in a readline hook, where
+        # the exception would be lost (it comes again a moment later).
+        if self.screen.defer(signum, frame):
+            return
+        raise KeyboardInterrupt
 
     def _learn_limit(self, welcome: str) -> None:
         match = re.search(r"Limit: ([0-9.]+) messages a second, bursts of ([0-9]+)", welcome)

@@ -1247,6 +1247,35 @@ def test_client_keeps_a_half_typed_line_when_a_message_arrives(server, connect, 
 
 
 @needs_pty
+def test_client_typing_through_a_stream_of_messages_loses_nothing_and_ctrl_c_still_leaves(
+    server, connect, pty_client
+):
+    # Messages land while keys are typed and while readline waits; each is
+    # printed above the prompt, in order, and the typed text stays whole.
+    # Ctrl+C then leaves at once, however it lands among readline's hooks.
+    bob = connect(server.port, "bob", online=1)
+    child = pty_client(server.port, "alice")
+    child.expect_exact(welcome_text("alice", 2).encode())
+    assert bob.recv_service() == "alice joined the chat (2 online)"
+    child.expect_exact(b"> ")
+    typed = b""
+    for i in range(30):
+        bob.send_chat(f"stream {i}", nick="bob")
+        if i % 3 == 0:
+            key = b"abcdefghij"[i // 3 : i // 3 + 1]
+            child.send(key)
+            typed += key
+    for i in range(30):
+        child.expect_exact(f"bob: stream {i}\r\n".encode())
+    child.expect_exact(b"> " + typed)  # drawn again below the last one, whole
+    child.sendintr()
+    assert wait_pty_exit(child) == 0
+    assert bob.recv_service() == "alice left the chat (1 online)"
+    output = pty_output(child)
+    assert b"Traceback" not in output and b"Exception ignored" not in output, output[-2000:]
+
+
+@needs_pty
 def test_client_quit_command_exits_zero_and_is_not_sent(server, connect, pty_client):
     bob = connect(server.port, "bob", online=1)
     child = pty_client(server.port, "alice")
