@@ -2082,32 +2082,41 @@ class RedisLink:
 
     def heartbeat(
         self, members: list[tuple[str, str]], client: Any
-    ) -> tuple[list[str], int, str | None]:
+    ) -> tuple[list[str], int, list[str], list[str]]:
         """Refresh (or claim again) every local user, and take out the users of
         servers that stopped answering; return the lost nicknames, the room's
-        size and the notice that those users left, if any."""
+        size, those users, and ours that another server had announced as gone
+        (this server was late: stopped, or cut off from Redis)."""
         pipe = client.pipeline(transaction=False)
         self._expire(keys=[self.who_key], client=pipe)
         for key, member in members:
+            pipe.zscore(self.who_key, member)
             self._claim(
                 keys=[self.nick_key(key), self.who_key], args=[member, self.ttl_ms], client=pipe
             )
         self._who(keys=[self.who_key], client=pipe)
         results = pipe.execute()
-        lost = [key for (key, _), ok in zip(members, results[1:]) if not ok]
-        room = len(results[-1])
+        expired, claims, listed = results[0], results[1:-1], results[-1]
+        room = len(listed)
         ours = self.instance.decode("ascii")
-        online = {_member_nick(raw).casefold() for raw in results[-1]}
-        gone = []
-        for raw in results[0]:
+        online = {_member_nick(raw).casefold() for raw in listed}
+        gone, taken_out_here = [], set()
+        for raw in expired:
             fields = raw.decode("utf-8", "replace").split("\t")
-            # Ours were just claimed again; a nickname someone has taken since
-            # is online again, under that someone.
-            if len(fields) == 4 and fields[0] != ours and fields[2].casefold() not in online:
+            if len(fields) != 4:
+                continue
+            if fields[0] == ours:  # late ourselves: claimed again just now, unannounced
+                taken_out_here.add(fields[2])
+            elif fields[2].casefold() not in online:  # not taken again by someone since
                 gone.append(fields[2])
-        if not gone:
-            return lost, room, None
-        return lost, room, "%s left the chat (%d online)" % (_names(gone), room)
+        lost, back = [], []
+        for (key, member), score, ok in zip(members, claims[0::2], claims[1::2]):
+            nick = member.split("\t")[2]
+            if not ok:
+                lost.append(key)
+            elif score is None and nick not in taken_out_here:
+                back.append(nick)  # another server found our claim run out and said so
+        return lost, room, gone, back
 
     def who(self, client: Any) -> list[str]:
         return [member.decode("utf-8", "replace") for member in self._who(keys=[self.who_key])]
@@ -2289,13 +2298,18 @@ class SharedChatServer(ChatServer):
     def _heartbeat_done(self, result: Any) -> None:
         if isinstance(result, BaseException):
             return
-        lost, room, gone = result
+        lost, room, gone, back = result
         for key in lost:
             log("%s: the nickname is in use on another server too" % key)
         self._others = max(room - len(self.users), 0)
-        if gone is not None:  # users of a server that stopped answering: told everywhere
-            log("their server stopped answering: %s" % gone)
-            self._notice(gone)
+        if gone:  # told to every server's users, once
+            log("claims ran out (their server stopped answering): %s" % ", ".join(gone))
+            self._notice("%s left the chat (%d online)" % (_names(gone), room))
+        if back:  # the room was told they left: tell it they are here
+            log(
+                "claims ran out while this server was late, now claimed again: %s" % ", ".join(back)
+            )
+            self._notice("%s joined the chat (%d online)" % (_names(back), room))
 
     # -- what other servers send -----------------------------------------
 

@@ -443,6 +443,34 @@ def test_users_of_a_killed_server_vanish_within_the_ttl(redis_url, start_server,
     taken.close()
 
 
+def test_users_of_a_server_that_was_stopped_past_the_ttl_are_announced_back(
+    redis_url, start_server, join
+):
+    first = start_server(redis_url, "--redis-ttl", "1.5")
+    second = start_server(redis_url, "--redis-ttl", "1.5")
+    alice = join(first, "alice")
+    bob = join(second, "bob")
+    assert alice.recv_service() == "bob joined the chat (2 online)"
+    first.proc.send_signal(signal.SIGSTOP)  # a server that hangs, not one that dies
+    try:
+        assert bob.recv_service(timeout=5) == "alice left the chat (1 online)"
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    # Its next heartbeat claims alice again, and the room is told she is here.
+    assert bob.recv_service(timeout=5) == "alice joined the chat (2 online)"
+    # alice hears the same story, and bob's words as before.
+    bob.send_chat("welcome back", nick="bob")
+    heard = []
+    while True:
+        payload = alice.recv_frame()
+        if b"\0" in payload:
+            break
+        heard.append(payload.decode())
+    assert sorted(heard) == ["alice joined the chat (2 online)", "alice left the chat (1 online)"]
+    assert payload.decode().split("\0")[1:] == ["bob", "welcome back"]
+    assert who(bob).startswith("2 users online: ")
+
+
 @pytest.mark.parametrize(
     "url, reason",
     [
