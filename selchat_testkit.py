@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,29 @@ def chat_payload(text, nick="x", stamp=None):
     if stamp is None:
         stamp = datetime.now(UTC).replace(microsecond=0).isoformat()
     return "\0".join((stamp, nick, text)).encode("utf-8")
+
+
+# How a client shows the time of a message stamped a moment ago: [HH:MM:SS],
+# or with the date when that day ended (in the reader's zone) before the client
+# showed it. Which form "today" takes is for the tests that give format_time
+# its `now`; the others accept either, so that they pass at any hour.
+SHOWN_NOW = rb"\[(?:\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d\]"
+
+
+def shown_times(moment, zone, since):
+    """The forms a client in ``zone`` may show for a message written at
+    ``moment`` (aware) and shown at some time from ``since`` (aware) to a
+    TIMEOUT from now: the time alone while it is that day there, with the date
+    on any other day. Both when the day changes in between."""
+    local = moment.astimezone(zone)
+    first = since.astimezone(zone).date()
+    last = (datetime.now(UTC) + timedelta(seconds=TIMEOUT)).astimezone(zone).date()
+    forms = []
+    if first <= local.date() <= last:
+        forms.append(local.strftime("%H:%M:%S"))
+    if not first == last == local.date():
+        forms.append(local.strftime("%Y-%m-%d %H:%M:%S"))
+    return forms
 
 
 def welcome_text(nick, online, limit_note=LIMIT_NOTE):

@@ -29,6 +29,7 @@ from selchat_testkit import (
     HERE,
     HISTORY_END,
     SCRIPT,
+    SHOWN_NOW,
     TIMEOUT,
     UTC,
     Peer,
@@ -672,16 +673,16 @@ def test_client_shows_private_messages_and_actions_distinctly(server, join, pty_
     joined(child)
     bob.recv_service()
     bob.send_frame("/msg alice just between us")
-    child.expect(rb"\[\d\d:\d\d:\d\d\] \[private\] bob -> alice: just between us")
+    child.expect(SHOWN_NOW + rb" \[private\] bob -> alice: just between us")
     bob.send_frame("/me waves")
-    child.expect(rb"\[\d\d:\d\d:\d\d\] \* bob waves")
+    child.expect(SHOWN_NOW + rb" \* bob waves")
     child.sendline(b"/msg bob likewise")
     assert bob.recv_chat()[1:] == ("[private] bob -> alice", "just between us")
     assert bob.recv_chat()[1:] == ("* bob", "waves")
     assert bob.recv_chat()[1:] == ("[private] alice -> bob", "likewise")
-    child.expect(rb"\[\d\d:\d\d:\d\d\] \[private\] alice -> bob: likewise")
+    child.expect(SHOWN_NOW + rb" \[private\] alice -> bob: likewise")
     child.sendline(b"/me nods")
-    child.expect(rb"\[\d\d:\d\d:\d\d\] \* alice nods")
+    child.expect(SHOWN_NOW + rb" \* alice nods")
     assert bob.recv_chat()[1:] == ("* alice", "nods")
 
 

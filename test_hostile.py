@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -34,6 +35,7 @@ from selchat_testkit import (
     SCRIPT,
     SHUTDOWN_NOTICE,
     TIMEOUT,
+    UTC,
     Peer,
     PeerClosed,
     ServerProcess,
@@ -41,6 +43,7 @@ from selchat_testkit import (
     frame,
     needs_pty,
     pexpect,
+    shown_times,
 )
 
 OUT_OF_RESOURCES = "Server is out of resources; try again later"
@@ -53,7 +56,8 @@ PLAIN_TO_TLS = "Protocol error: this server speaks TLS; connect with the client'
 # ---------------------------------------------------------------------------
 
 # The frames this file builds (the fuzz's templates among them) are the same
-# bytes on every run: one fixed time stamp.
+# bytes on every run: one fixed time stamp. It is a day long gone: a client
+# shows it with its date, so no test may expect it shown as today's.
 STAMP = "2026-11-27T07:37:12+00:00"
 
 
@@ -752,8 +756,14 @@ def test_tls_selchat_client_with_cafile_chats(
     )
     carol.wait_for_output("Welcome to selchat, carol!")
     assert alice.recv_service() == "carol joined the chat (2 online)"
-    alice.send_chat("hello carol", nick="alice", stamp="2026-11-27T07:37:12+00:00")
-    carol.wait_for_output("[07:37:12] alice: hello carol")
+    # A message written now shows its time alone (the date too, only if the
+    # day ends meanwhile); the client's zone is UTC (clean_env).
+    written = datetime.now(UTC).replace(microsecond=0)
+    alice.send_chat("hello carol", nick="alice", stamp=written.isoformat())
+    carol.wait_for_output("] alice: hello carol\n")
+    forms = shown_times(written, UTC, since=written)
+    shown = bytes(carol.out).decode("utf-8")
+    assert any(f"\n[{form}] alice: hello carol\n" in shown for form in forms), (forms, shown)
     carol.write("hello alice\n")
     assert alice.recv_chat()[1:] == ("carol", "hello alice")
     status, _out, err = carol.finish()
