@@ -985,6 +985,9 @@ class ChatServer:
                 run = -1
             if not self._handle_frame(conn, data, start, stop):
                 return
+            # That frame may have been the nickname or a /nick: what follows
+            # in this read must be matched against the name it now has.
+            nick_field = conn.nick_field
             pos = stop
         if run >= 0 and not self._relay_run(conn, data, run, pos):
             return

@@ -314,6 +314,36 @@ def test_nick_renames_tells_everyone_and_stamps_later_messages_with_the_new_name
     assert server.wait_for_log(r"alice \(127\.0\.0\.1:\d+\) is now known as alicia")
 
 
+@pytest.mark.parametrize("split", ["one send", "byte by byte"])
+def test_messages_after_a_nick_in_the_same_read_carry_the_new_name(server, join, split):
+    # A paste or a script: /nick and the next messages arrive together, the
+    # messages still carrying the old name in their field (the client has not
+    # yet heard of the rename). Whatever the reads, the server stamps the name
+    # registered when each message is handled: the new one, and so does history.
+    alice = join(server.port, "alice")
+    bob = join(server.port, "bob")
+    alice.recv_service()
+    data = (
+        frame("/nick alicia")
+        + frame(chat_payload("first after", nick="alice"))
+        + frame(chat_payload("second after", nick="alice"))
+        + frame(chat_payload("third, new field", nick="alicia"))
+    )
+    if split == "one send":
+        alice.send_raw(data)
+    else:
+        for index in range(len(data)):
+            alice.send_raw(data[index : index + 1])
+    assert alice.recv_service() == "You are now known as alicia"
+    assert bob.recv_service() == "alice is now known as alicia"
+    texts = ["first after", "second after", "third, new field"]
+    assert [bob.recv_chat()[1:] for _ in texts] == [("alicia", text) for text in texts]
+    carol = join(server.port, "carol")
+    assert carol.recv_service() == history_begin(3)
+    assert [carol.recv_chat()[1:] for _ in texts] == [("alicia", text) for text in texts]
+    assert carol.recv_service() == HISTORY_END
+
+
 def test_old_nick_is_free_after_a_rename_and_the_new_one_is_taken(server, join):
     alice = join(server.port, "alice")
     alice.send_frame("/nick alicia")
