@@ -660,8 +660,12 @@ class ChatServer:
         self._now = time.monotonic()  # when this turn of the loop began
         self._dirty: list[Connection] = []
         self._overflowed: list[Connection] = []
-        self._joined: list[Connection] = []
-        self._left: list[str] = []
+        # Who joined and left since the last notices, in order: each newcomer
+        # with its place among these joins; each leaver's nickname with how
+        # many of those joins came before it left, and its own place if it was
+        # one of them (else -1). _announce() tells each user what it missed.
+        self._joined: dict[Connection, int] = {}
+        self._left: list[tuple[str, int, int]] = []
         self._stopping = False
         self._accept_paused_until = 0.0
         self._next_housekeeping = 0.0
@@ -1219,7 +1223,7 @@ class ChatServer:
         )
         conn.joined = time.monotonic()
         self._replay_history(conn)
-        self._joined.append(conn)
+        self._joined[conn] = len(self._joined)
         log("%s joined as %s" % (conn.address, nick))
         return True
 
@@ -1548,22 +1552,47 @@ class ChatServer:
             self._housekeeping(now)
 
     def _announce(self) -> None:
-        """Tell the room who joined and left during this turn, one notice each."""
-        joined = [c for c in self._joined if c.nick is not None and not c.closing]
-        self._joined = []
+        """Tell every user who joined and left since the last notices, each with
+        the number online now.
+
+        Users who were already here hear of every newcomer still present and of
+        every user of theirs who left. A newcomer's welcome counted everyone
+        before it, so it hears only of those who came after it and of those it
+        counted who left since: whatever a turn brings, each user's latest count
+        is the number online, and nobody present goes unannounced to anyone who
+        was here first.
+        """
+        joined, self._joined = self._joined, {}
         left, self._left = self._left, []
         online = self._online()
-        if joined:
-            names = _names([c.nick or "" for c in joined])
-            self._notice("%s joined the chat (%d online)" % (names, online), skip=set(joined))
-        if left:
-            self._notice("%s left the chat (%d online)" % (_names(left), online))
+        present = [c for c in joined if not c.closing and self.users.get(c.nick_key) is c]
+        newcomers = set(present)
+        if present:
+            names = _names([c.nick or "" for c in present[: NOTICE_NAMES + 1]], len(present))
+            self._notice("%s joined the chat (%d online)" % (names, online), skip=newcomers)
+        gone = [nick for nick, _, own in left if own < 0]
+        if gone:
+            self._notice("%s left the chat (%d online)" % (_names(gone), online), skip=newcomers)
+        for place, conn in enumerate(present):
+            index = joined[conn]
+            later = len(present) - place - 1
+            if later:
+                first = present[place + 1 : place + 2 + NOTICE_NAMES]
+                names = _names([c.nick or "" for c in first], later)
+                self._tell_room(conn, "%s joined the chat (%d online)" % (names, online))
+            missed = [nick for nick, at, own in left if at > index and own < index]
+            if missed:
+                self._tell_room(conn, "%s left the chat (%d online)" % (_names(missed), online))
 
     def _notice(
         self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
     ) -> None:
         """A service message about the room (joins, leaves, renames) for its users."""
         self._broadcast((encode_frame(text.encode("utf-8")),), sender, skip)
+
+    def _tell_room(self, conn: Connection, text: str) -> None:
+        """A notice about the room for one user alone, counted like the others."""
+        self._deliver(conn, (encode_frame(text.encode("utf-8")),))
 
     def _online(self) -> int:
         return len(self.users)
@@ -1597,7 +1626,7 @@ class ChatServer:
     def _leave_room(self, conn: Connection, why: str) -> None:
         if conn.nick is not None and self.users.get(conn.nick_key) is conn:
             del self.users[conn.nick_key]
-            self._left.append(conn.nick)
+            self._left.append((conn.nick, len(self._joined), self._joined.get(conn, -1)))
         log("%s disconnected: %s" % (conn.name, why))
 
     def _reject(self, conn: Connection, notice: str, why: str) -> None:
@@ -1708,7 +1737,7 @@ class ChatServer:
             elif not conn.closing:
                 self._close_when_done(conn, SHUTDOWN_NOTICE, SHUTDOWN_GRACE)
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        self._joined = []
+        self._joined = {}
         self._left = []
         while self.connections:
             remaining = deadline - time.monotonic()
@@ -1716,7 +1745,7 @@ class ChatServer:
                 break
             for key, mask in self.selector.select(min(remaining, HOUSEKEEPING_INTERVAL)):
                 key.data(mask)
-            self._joined = []
+            self._joined = {}
             self._left = []
             self._end_of_turn()
         unsent = sum(1 for c in self.connections if c.out)
@@ -1772,9 +1801,12 @@ def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
 
 
-def _names(names: list[str]) -> str:
-    if len(names) > NOTICE_NAMES:
-        return "%s and %d others" % (", ".join(names[:NOTICE_NAMES]), len(names) - NOTICE_NAMES)
+def _names(names: list[str], total: int = 0) -> str:
+    """``a, b and c``; past NOTICE_NAMES of ``total`` (default: all of ``names``),
+    the first ones and how many others."""
+    total = max(total, len(names))
+    if total > NOTICE_NAMES:
+        return "%s and %d others" % (", ".join(names[:NOTICE_NAMES]), total - NOTICE_NAMES)
     if len(names) == 1:
         return names[0]
     return "%s and %s" % (", ".join(names[:-1]), names[-1])

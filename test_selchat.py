@@ -620,6 +620,124 @@ def test_join_and_leave_notices_go_to_the_others_without_naming_quit(server, con
     assert "<quit<" not in joined + left
 
 
+ROOM_NOTICE = re.compile(r"(.+) (joined|left) the chat \((\d+) online\)")
+WELCOME_COUNT = re.compile(r"Welcome to selchat, .*! (\d+) users? online\.")
+
+
+class RoomView:
+    """What one user has been told about the room: the latest count (welcome,
+    then notices) and who was announced as joining, and in what order it joined
+    (its welcome's count)."""
+
+    def __init__(self, peer, nick, count=None):
+        self.peer, self.nick = peer, nick
+        self.count = count
+        self.place = None  # when it joined, from the server's log
+        self.joined = []  # names announced as joining
+        self.unnamed = 0  # "... and N others joined"
+
+    def read_until_synced(self):
+        """Read up to the answer to a command sent now: since the server has
+        handled everything before it, all it owes this user has arrived."""
+        self.peer.send_frame("/sync-the-test")
+        while True:
+            text = self.peer.recv_service()
+            if text.startswith("Unknown command /sync-the-test"):
+                return
+            welcome = WELCOME_COUNT.match(text)
+            if welcome:
+                self.count = int(welcome.group(1))
+                continue
+            notice = ROOM_NOTICE.fullmatch(text)
+            assert notice, "%s got %r" % (self.nick, text)
+            who, event, online = notice.groups()
+            self.count = int(online)
+            if event == "joined":
+                more = re.fullmatch(r"(.+) and (\d+) others", who)
+                if more:
+                    self.joined += more.group(1).split(", ")
+                    self.unnamed += int(more.group(2))
+                else:
+                    first, _, last = who.rpartition(" and ")
+                    self.joined += (first.split(", ") if first else []) + [last]
+
+
+def assert_everyone_knows_the_room(views, log):
+    """Each user's latest count is the number online, and each heard of
+    everyone present who joined after it (named, or counted among "others")."""
+    order = re.findall(r"joined as (\S+)", log)
+    for view in views:
+        view.place = order.index(view.nick)
+    for view in views:
+        later = {other.nick for other in views if other.place > view.place}
+        assert view.count == len(views), (view.nick, view.count, len(views))
+        unheard = later - set(view.joined)
+        assert len(unheard) <= view.unnamed, (view.nick, sorted(unheard), view.unnamed)
+
+
+def paused(server):
+    """SIGSTOP the server until the with-block ends: what peers send meanwhile
+    waits in the kernel and reaches one turn of the loop together."""
+
+    class Paused:
+        def __enter__(self):
+            server.proc.send_signal(signal.SIGSTOP)
+
+        def __exit__(self, *exc):
+            server.proc.send_signal(signal.SIGCONT)
+
+    return Paused()
+
+
+def test_a_burst_of_joins_in_one_turn_tells_each_user_of_everyone_after_it(server, connect):
+    zed = connect(server.port, "zed", online=1)
+    newcomers = [connect(server.port) for _ in range(12)]
+    with paused(server):
+        for index, peer in enumerate(newcomers):
+            peer.send_frame("n%02d" % index)
+    views = [RoomView(zed, "zed", count=1)]
+    views += [RoomView(peer, "n%02d" % index) for index, peer in enumerate(newcomers)]
+    assert server.wait_for_count("joined as n", 12) == 12
+    for view in views:
+        view.read_until_synced()
+    assert_everyone_knows_the_room(views, server.log)
+    for view in views:  # and each newcomer once, to those before it alone
+        later = [other for other in views if other.place > view.place]
+        assert len(view.joined) == len(set(view.joined)), view.joined
+        assert set(view.joined) <= {other.nick for other in later}, (view.nick, view.joined)
+        assert len(view.joined) + view.unnamed == len(later), (view.nick, view.joined)
+
+
+def test_a_burst_of_joins_and_leaves_ends_with_every_count_right(server, connect):
+    zed = connect(server.port, "zed", online=1)
+    old = [connect(server.port, "old%d" % index, online=index + 2) for index in range(4)]
+    views = [RoomView(zed, "zed", count=1)]
+    views += [RoomView(peer, "old%d" % index, count=index + 2) for index, peer in enumerate(old)]
+    for view in views:
+        view.read_until_synced()
+    view_of = {view.nick: view for view in views}
+    staying = [connect(server.port) for _ in range(4)]
+    passing = [connect(server.port) for _ in range(2)]  # join and leave in the same turn
+    with paused(server):
+        for index, peer in enumerate(staying):
+            peer.send_frame("new%d" % index)
+            if index == 1:
+                old[0].close()
+                old[2].close()
+        for index, peer in enumerate(passing):
+            peer.send_frame("gone%d" % index)
+            peer.close()
+        old[3].close()
+    for nick in ("old0", "old2", "old3"):
+        views.remove(view_of[nick])
+    assert server.wait_for_count("joined as", 11) == 11
+    assert server.wait_for_count("disconnected", 5) == 5
+    views += [RoomView(peer, "new%d" % index) for index, peer in enumerate(staying)]
+    for view in views:
+        view.read_until_synced()
+    assert_everyone_knows_the_room(views, server.log)
+
+
 def test_server_stamps_registered_nick_on_relayed_messages(server, connect):
     alice = connect(server.port, "alice", online=1)
     bob = connect(server.port, "bob", online=2)
