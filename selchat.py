@@ -1566,20 +1566,22 @@ class ChatServer:
         left, self._left = self._left, []
         online = self._online()
         present = [c for c in joined if not c.closing and self.users.get(c.nick_key) is c]
+
+        def joined_after(place: int) -> str:  # the newcomers after present[place]
+            first = present[place + 1 : place + 2 + NOTICE_NAMES]
+            names = _names([c.nick or "" for c in first], len(present) - place - 1)
+            return "%s joined the chat (%d online)" % (names, online)
+
         newcomers = set(present)
         if present:
-            names = _names([c.nick or "" for c in present[: NOTICE_NAMES + 1]], len(present))
-            self._notice("%s joined the chat (%d online)" % (names, online), skip=newcomers)
+            self._notice(joined_after(-1), skip=newcomers)
         gone = [nick for nick, _, own in left if own < 0]
         if gone:
             self._notice("%s left the chat (%d online)" % (_names(gone), online), skip=newcomers)
         for place, conn in enumerate(present):
+            if place + 1 < len(present):
+                self._tell_room(conn, joined_after(place))
             index = joined[conn]
-            later = len(present) - place - 1
-            if later:
-                first = present[place + 1 : place + 2 + NOTICE_NAMES]
-                names = _names([c.nick or "" for c in first], later)
-                self._tell_room(conn, "%s joined the chat (%d online)" % (names, online))
             missed = [nick for nick, at, own in left if at > index and own < index]
             if missed:
                 self._tell_room(conn, "%s left the chat (%d online)" % (_names(missed), online))

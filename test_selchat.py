@@ -17,6 +17,7 @@ even when the test fails. The raw peer and the process helpers that every test
 file shares are in selchat_testkit.py, their fixtures in conftest.py.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -626,8 +627,7 @@ WELCOME_COUNT = re.compile(r"Welcome to selchat, .*! (\d+) users? online\.")
 
 class RoomView:
     """What one user has been told about the room: the latest count (welcome,
-    then notices) and who was announced as joining, and in what order it joined
-    (its welcome's count)."""
+    then notices) and who was announced as joining; and when it joined."""
 
     def __init__(self, peer, nick, count=None):
         self.peer, self.nick = peer, nick
@@ -675,18 +675,15 @@ def assert_everyone_knows_the_room(views, log):
         assert len(unheard) <= view.unnamed, (view.nick, sorted(unheard), view.unnamed)
 
 
+@contextlib.contextmanager
 def paused(server):
     """SIGSTOP the server until the with-block ends: what peers send meanwhile
     waits in the kernel and reaches one turn of the loop together."""
-
-    class Paused:
-        def __enter__(self):
-            server.proc.send_signal(signal.SIGSTOP)
-
-        def __exit__(self, *exc):
-            server.proc.send_signal(signal.SIGCONT)
-
-    return Paused()
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
 
 
 def test_a_burst_of_joins_in_one_turn_tells_each_user_of_everyone_after_it(server, connect):
