@@ -108,6 +108,31 @@ DEFAULT_BURST = 1000
 DEFAULT_MAX_PER_ADDRESS = 256
 # Memory for large messages still arriving, all connections together.
 DEFAULT_MAX_PENDING = 256 << 20
+# Everything the server holds for peers (queued output, unfinished input, the
+# history), all together: a 2-core, 4 GB box keeps its footing. One address
+# may hold an eighth of it (but at least two full queues).
+DEFAULT_MAX_MEMORY = 1 << 30
+ADDRESS_MEMORY_SHARE = 8
+# Bytes a second one user may send: more than a person types or pastes, less
+# than a terminal client can show; the burst lets a few large messages through.
+DEFAULT_BYTE_RATE = 1 << 20
+DEFAULT_BYTE_BURST = 4 << 20
+# The rates of one address (all its connections and users together) are this
+# many times one user's, unless given.
+ADDRESS_RATE_FACTOR = 4
+# New users (nicknames accepted) a second from one address, and at once: every
+# join sends the history and a notice to everyone.
+DEFAULT_JOIN_RATE = 10.0
+DEFAULT_JOIN_BURST = 1000
+# A frame that has not moved on for this long is dropped and its memory freed.
+DEFAULT_FRAME_TIMEOUT = 30.0
+# Wrong passwords from one address before it is locked out; each further one
+# doubles the lockout, from 1 s up to PASSWORD_LOCKOUT_MAX.
+DEFAULT_PASSWORD_TRIES = 10
+PASSWORD_LOCKOUT_MAX = 300.0
+# /who costs one message, and one more for every this many users it lists.
+WHO_USERS_PER_TOKEN = 50
+NICK_COST = 10  # a rename is told to everyone
 # A client whose dropped messages in this many seconds exceed what the rate
 # allows in the same time is flooding on purpose and is disconnected.
 FLOOD_WINDOW = 10.0
@@ -135,6 +160,7 @@ CLIENT_MAX_FRAME = 256 << 20
 CONNECT_TIMEOUT = 15.0
 LISTEN_BACKLOG = 4096
 HOUSEKEEPING_INTERVAL = 0.25
+FORGET_INTERVAL = 5.0  # how often accounts and rates nobody needs are forgotten
 LOG_EXIT_WAIT = 1.0  # seconds the last log lines may wait for stderr at exit
 LOG_HELD = 10000  # log lines held while stderr takes nothing (pipe unread, Ctrl+S)
 # Join and leave notices are coalesced per turn of the event loop; at most this
@@ -404,13 +430,95 @@ def nick_color(nick: str) -> str:
     return NICK_COLORS[digest % len(NICK_COLORS)]
 
 
+# Characters that draw nothing or look like a blank, though Unicode does not
+# call them spaces: a nickname holding one could pass for another, or fake the
+# spaces of "[private] alice -> bob". With them, every Default_Ignorable code
+# point outside the Cf category (variation selectors, Hangul fillers, the
+# combining grapheme joiner, Khmer inherent vowels).
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f"
+    "\uffa0\ufff0-\ufff8\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+_NICK_CATEGORIES_REFUSED = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
+# Letters that look like Latin ones in common fonts, for the confusable check.
+# NFKC already folds fullwidth and mathematical forms, and casefold the cases.
+_LOOKALIKES = str.maketrans(
+    {
+        # Cyrillic
+        "\u0430": "a",
+        "\u0435": "e",
+        "\u043e": "o",
+        "\u0440": "p",
+        "\u0441": "c",
+        "\u0443": "y",
+        "\u0445": "x",
+        "\u0455": "s",
+        "\u0456": "l",
+        "\u0458": "j",
+        "\u0501": "d",
+        "\u04bb": "h",
+        "\u04cf": "l",
+        "\u051b": "q",
+        "\u051d": "w",
+        "\u0475": "v",
+        "\u04af": "y",
+        "\u043a": "k",
+        "\u0432": "b",
+        "\u043d": "h",
+        "\u043c": "m",
+        "\u0442": "t",
+        "\u0457": "l",
+        "\u0491": "r",
+        "\u0454": "e",
+        # Greek
+        "\u03b1": "a",
+        "\u03bf": "o",
+        "\u03bd": "v",
+        "\u03c1": "p",
+        "\u03b9": "l",
+        "\u03ba": "k",
+        "\u03c4": "t",
+        "\u03c5": "u",
+        "\u03c7": "x",
+        "\u03b5": "e",
+        "\u03b3": "y",
+        "\u03c9": "w",
+        "\u03b2": "b",
+        "\u03b7": "n",
+        "\u03bc": "u",
+        "\u03b6": "z",
+        # Latin and digits that pass for each other
+        "i": "l",
+        "1": "l",
+        "|": "l",
+        "0": "o",
+        "5": "s",
+    }
+)
+
+
+def nick_skeleton(nick: str) -> str:
+    """What ``nick`` looks like: two nicknames with one skeleton are confusable."""
+    folded = unicodedata.normalize("NFKC", nick).casefold()
+    folded = "".join(
+        c for c in unicodedata.normalize("NFD", folded) if not "\u0300" <= c <= "\u036f"
+    )
+    return folded.translate(_LOOKALIKES).replace("rn", "m").replace("vv", "w")
+
+
 def check_nick(nick: str) -> str | None:
     """Why ``nick`` cannot be a nickname, or None when it can."""
     if not 1 <= len(nick) <= MAX_NICK_LENGTH:
         return "must be 1 to %d characters" % MAX_NICK_LENGTH
     for char in nick:
-        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp"):
+        if char.isspace() or unicodedata.category(char) in _NICK_CATEGORIES_REFUSED:
+            if unicodedata.category(char) in ("Cn", "Co"):
+                return "must not contain unassigned or private-use characters"
             return "must not contain whitespace, control or format characters"
+    if _INVISIBLE.search(nick):
+        return "must not contain invisible or blank-looking characters"
+    if unicodedata.combining(nick[0]) or unicodedata.category(nick[0]).startswith("M"):
+        return "must not begin with a combining mark"
     return None
 
 
@@ -429,6 +537,65 @@ def duration(seconds: float) -> str:
     if whole < 86400:
         return "%d h %d min" % (hours, minutes % 60)
     return "%d d %d h" % (days, hours % 24)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, held up to ``burst``; each use takes ``cost``.
+
+    The server's rates per user and per address and the client's pacing are
+    all this. A rate of 0 means no limit.
+    """
+
+    __slots__ = ("burst", "rate", "time", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.time = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are that many; False (taking none) if not."""
+        if not self.rate:
+            return True
+        tokens = self.tokens + (now - self.time) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.time = now
+        if tokens >= cost:
+            self.tokens = tokens - cost
+            return True
+        self.tokens = tokens
+        return False
+
+    def give_back(self, cost: float) -> None:
+        if self.rate:
+            self.tokens += cost
+
+    def borrow(self, now: float, cost: float) -> bool:
+        """Take ``cost`` tokens even when there are not that many, down to -burst:
+        the reserve. False (taking none) when that is used up too."""
+        if self.take(now, cost):
+            return True
+        if self.tokens - cost < -self.burst:
+            return False
+        self.tokens -= cost
+        return True
+
+    def light(self) -> bool:
+        """More than half of the burst is left (as of the last take)."""
+        return not self.rate or self.tokens * 2 > self.burst
+
+    def wait(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are there (0 when they are now)."""
+        if not self.rate:
+            return 0.0
+        tokens = min(self.tokens + (now - self.time) * self.rate, self.burst)
+        return max(0.0, (min(cost, self.burst) - tokens) / self.rate)
+
+    def full(self, now: float) -> bool:
+        """True once waiting longer could not add a token: forgetting it is harmless."""
+        return not self.rate or self.tokens + (now - self.time) * self.rate >= self.burst
 
 
 # The server's log must never stop the server: stderr may be a pipe that nobody
@@ -514,6 +681,230 @@ Buffer = Any  # bytes, bytearray or memoryview: anything socket.sendmsg() takes
 
 TLS_NONE, TLS_PEEK, TLS_HANDSHAKE, TLS_ON = range(4)
 
+# Where a connection is in its life, in order (Connection.state). Its frames
+# are: its nickname (NAMING), its password (PASSWORD), held while the shared
+# room is asked whether the nickname is free (CLAIMING), chat and commands
+# (CHATTING); then nothing it sends is handled while it is told why it goes
+# and given what it is owed (CLOSING), until its socket is closed (CLOSED).
+NAMING, PASSWORD, CLAIMING, CHATTING, CLOSING, CLOSED = range(6)
+
+
+class Budget:
+    """Bytes one holder may keep alive (``limit``, 0 for no limit) and keeps now."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def over(self) -> bool:
+        return 0 < self.limit < self.held
+
+
+class Account(Budget):
+    """What one address holds, how fast it may send and join, and its wrong passwords.
+
+    It outlives its connections until forgetting it is harmless (its buckets
+    full again, no lockout running), so reconnecting refills nothing.
+    """
+
+    __slots__ = (
+        "bytes",
+        "conns",
+        "failures",
+        "host",
+        "joins",
+        "locked_until",
+        "messages",
+        "refused",
+    )
+
+    def __init__(self, host: str, limit: int, config: ServerConfig, now: float) -> None:
+        super().__init__(limit)
+        self.host = host
+        self.conns: set[Connection] = set()
+        self.messages = TokenBucket(config.address_rate, config.address_burst, now)
+        self.bytes = TokenBucket(config.address_byte_rate, config.address_byte_burst, now)
+        self.joins = TokenBucket(config.join_rate, config.join_burst, now)
+        self.failures = 0  # wrong passwords in a row
+        self.locked_until = 0.0
+        self.refused = 0  # passwords refused unchecked in the lockout, not yet logged
+
+    def forgettable(self, now: float) -> bool:
+        return (
+            not self.conns
+            and now >= self.locked_until
+            and self.messages.full(now)
+            and self.bytes.full(now)
+            and self.joins.full(now)
+        )
+
+
+class Held:
+    """One buffer on its way out, shared by every queue (and the history) it is in.
+
+    ``size`` is what it keeps alive. A memoryview keeps its whole object alive,
+    however small the slice: a slice under half of its object is copied out,
+    once for every queue it joins, and a larger one is charged the whole object.
+    """
+
+    __slots__ = ("buffer", "refs", "size")
+
+    def __init__(self, buffer: Buffer) -> None:
+        size = len(buffer)
+        if isinstance(buffer, memoryview):
+            kept = len(buffer.obj)  # type: ignore[arg-type]
+            if size * 2 < kept:
+                buffer = bytes(buffer)
+            else:
+                size = kept
+        self.buffer = buffer
+        self.size = size
+        self.refs = 0  # queues (and the history) holding it
+
+
+def hold(buffers: Sequence[Buffer]) -> tuple[Held, ...]:
+    return tuple(Held(buffer) for buffer in buffers)
+
+
+class OutputQueue:
+    """Everything the server will send one connection, in order.
+
+    Every byte goes out through a queue, and a queue charges what each buffer
+    keeps alive to itself, to its address's Account and to the server's Budget
+    (a buffer shared by many queues is charged to the server once). Whoever
+    appends checks ``over()``; ChatServer._queue and _broadcast are the only
+    ones that append.
+    """
+
+    __slots__ = ("account", "entries", "memory", "sent", "size")
+
+    def __init__(self, account: Budget, memory: Budget) -> None:
+        self.entries: collections.deque[Held] = collections.deque()
+        self.size = 0  # what the entries keep alive
+        self.sent = 0  # bytes of entries[0] already sent
+        self.account = account
+        self.memory = memory
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def push(self, held: Held) -> None:
+        self.entries.append(held)
+        if not held.refs:
+            self.memory.held += held.size
+        held.refs += 1
+        self.size += held.size
+        self.account.held += held.size
+
+    def buffers(self, count: int) -> list[Buffer]:
+        """The first ``count`` buffers still to send (what sendmsg() takes)."""
+        entries = self.entries
+        if not self.sent:
+            if len(entries) == 1:  # the usual case: one run since the last turn
+                return [entries[0].buffer]
+            return [held.buffer for held in itertools.islice(entries, count)]
+        first = memoryview(entries[0].buffer)[self.sent :]
+        return [first] + [held.buffer for held in itertools.islice(entries, 1, count)]
+
+    def advance(self, sent: int) -> bool:
+        """Forget ``sent`` bytes that went out; True when a buffer went out in part."""
+        entries = self.entries
+        sent += self.sent
+        self.sent = 0
+        freed = 0  # what the entries that went out kept alive (_release, inlined)
+        memory = self.memory
+        while entries:
+            held = entries[0]
+            length = len(held.buffer)
+            if sent < length:
+                self.sent = sent
+                break
+            sent -= length
+            entries.popleft()
+            freed += held.size
+            held.refs -= 1
+            if not held.refs:
+                memory.held -= held.size
+        self.size -= freed
+        self.account.held -= freed
+        return self.sent > 0
+
+    def clear(self, keep: Buffer | None = None) -> None:
+        """Forget everything queued; ``keep`` is queued again alone (a frame half sent)."""
+        for held in self.entries:
+            self._release(held)
+        self.entries.clear()
+        self.sent = 0
+        if keep is not None:
+            self.push(Held(keep))
+
+    def _release(self, held: Held) -> None:
+        self.size -= held.size
+        self.account.held -= held.size
+        held.refs -= 1
+        if not held.refs:
+            self.memory.held -= held.size
+
+
+class History:
+    """The last chat messages (frames as relayed), replayed to every newcomer.
+
+    It keeps at most ``count`` messages and ``limit`` bytes, and holds its
+    frames like a queue does, so the server's Budget counts them once.
+    """
+
+    def __init__(self, count: int, limit: int, memory: Budget) -> None:
+        self.count = count
+        self.limit = limit
+        self.memory = memory
+        self.frames: collections.deque[tuple[int, tuple[Held, ...]]] = collections.deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def remember(self, frame: tuple[Held, ...]) -> None:
+        size = 0
+        for held in frame:
+            if not held.refs:
+                self.memory.held += held.size
+            held.refs += 1
+            size += held.size
+        self.frames.append((size, frame))
+        self.size += size
+        while len(self.frames) > self.count or self.size > self.limit:
+            size, old = self.frames.popleft()
+            self.size -= size
+            for held in old:
+                held.refs -= 1
+                if not held.refs:
+                    self.memory.held -= held.size
+
+    def remember_run(self, data: bytes, start: int, stop: int) -> None:
+        """Remember the frames of a relayed run. Only the last ``count`` of them
+        can stay, so only those are copied out of what was received (a slice
+        would keep the whole read alive)."""
+        starts = []
+        while start < stop:
+            starts.append(start)
+            start += HEADER_SIZE + int(data[start : start + HEADER_SIZE])  # checked already
+        starts.append(stop)
+        for index in range(max(0, len(starts) - 1 - self.count), len(starts) - 1):
+            self.remember((Held(data[starts[index] : starts[index + 1]]),))
+
+    def replay(self) -> list[Held]:
+        """The history framed by its begin and end notices; empty when there is none."""
+        if not self.frames:
+            return []
+        begin = HISTORY_BEGIN % plural(len(self.frames), "message")
+        helds = [Held(encode_frame(begin.encode("utf-8")))]
+        for _, frame in self.frames:
+            helds.extend(frame)
+        helds.append(Held(encode_frame(HISTORY_END.encode("utf-8"))))
+        return helds
+
 
 class ServerConfig:
     """Everything the server can be told, with its defaults."""
@@ -534,6 +925,16 @@ class ServerConfig:
         tls_key: str | None = None,
         password: str | None = None,
         history: int = DEFAULT_HISTORY,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        max_address_memory: int | None = None,
+        byte_rate: float | None = None,
+        byte_burst: int = DEFAULT_BYTE_BURST,
+        address_rate: float | None = None,
+        address_byte_rate: float | None = None,
+        join_rate: float = DEFAULT_JOIN_RATE,
+        join_burst: int = DEFAULT_JOIN_BURST,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        password_tries: int = DEFAULT_PASSWORD_TRIES,
     ) -> None:
         self.host = host
         self.port = port
@@ -551,15 +952,41 @@ class ServerConfig:
         self.tls_key = tls_key
         self.password = password
         self.history = history
+        # 0 turns a budget off; every budget holds at least one full queue.
+        self.max_memory = max(max_memory, self.max_queue) if max_memory else 0
+        if max_address_memory is None:
+            max_address_memory = max(self.max_memory // ADDRESS_MEMORY_SHARE, 2 * self.max_queue)
+            if self.max_memory:
+                max_address_memory = min(max_address_memory, self.max_memory)
+        self.max_address_memory = (
+            max(max_address_memory, self.max_queue) if max_address_memory else 0
+        )
+        # Rates: --rate 0 (no message limit) turns the byte rate off too, unless given.
+        if byte_rate is None:
+            byte_rate = DEFAULT_BYTE_RATE if rate else 0.0
+        self.byte_rate = byte_rate
+        # A maximum-size message must always be able to pass.
+        self.byte_burst = max(byte_burst, self.max_message + HEADER_SIZE)
+        self.address_rate = rate * ADDRESS_RATE_FACTOR if address_rate is None else address_rate
+        self.address_burst = self.burst * ADDRESS_RATE_FACTOR
+        self.address_byte_rate = (
+            byte_rate * ADDRESS_RATE_FACTOR if address_byte_rate is None else address_byte_rate
+        )
+        self.address_byte_burst = self.byte_burst * ADDRESS_RATE_FACTOR
+        self.join_rate = join_rate
+        self.join_burst = max(join_burst, 1)
+        self.frame_timeout = frame_timeout
+        self.password_tries = max(password_tries, 1)
 
 
 class Connection:
     """One client socket and the state that belongs to it."""
 
     __slots__ = (
+        "account",
         "address",
         "asked_nick",
-        "closing",
+        "bytes",
         "deadline",
         "dirty",
         "dropped",
@@ -569,30 +996,33 @@ class Connection:
         "held",
         "held_raw",
         "host",
+        "input_held",
+        "input_since",
         "joined",
         "large",
         "large_got",
+        "messages",
         "nick",
         "nick_bytes",
         "nick_field",
         "nick_key",
         "out",
-        "out_size",
-        "partial",
         "skip",
         "sock",
+        "state",
         "tail",
         "tls",
         "tls_chunk",
-        "token_time",
-        "tokens",
         "warned_at",
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, host: str, address: str, deadline: float) -> None:
+    def __init__(
+        self, sock: socket.socket, account: Account, memory: Budget, address: str, deadline: float
+    ) -> None:
         self.sock = sock
-        self.host = host  # the peer's address, for per-address limits
+        self.account = account  # what its address holds and may send
+        self.host = account.host  # the peer's address, for per-address limits
         self.address = address  # host:port, for the log
         self.nick: str | None = None  # set once the nickname is accepted
         self.asked_nick: str | None = None  # the nickname, while the password is awaited
@@ -603,19 +1033,21 @@ class Connection:
         self.large: bytearray | None = None  # a large frame being read in place
         self.large_got = 0
         self.skip = 0  # bytes of a refused frame still to discard
-        self.out: collections.deque[Buffer] = collections.deque()  # queued output, sent in order
-        self.out_size = 0
+        self.out = OutputQueue(account, memory)  # everything it will be sent, in order
+        self.input_held = 0  # bytes of unfinished input held (tail or large frame)
+        self.input_since = 0.0  # when that input last moved on
         self.writing = False  # EVENT_WRITE registered
-        self.partial = False  # out[0] is partly sent
         self.dirty = False  # has output to try at the end of this turn
-        self.closing = False  # closing: no more input is handled
+        self.state = NAMING
         self.eof = False  # the peer has closed its side
         self.deadline = deadline  # handshake or close deadline (monotonic)
         self.handler: Callable[[int], None] = lambda mask: None
         self.tls = TLS_NONE  # TLS_PEEK, TLS_HANDSHAKE, TLS_ON
         self.tls_chunk: bytes | None = None  # a TLS write to repeat as it was
-        self.tokens = 0.0  # the rate limit's token bucket
-        self.token_time = 0.0
+        # The user's rates (messages, bytes): shared by its connections, and
+        # kept by the server for a while after it leaves.
+        self.messages: TokenBucket | None = None
+        self.bytes: TokenBucket | None = None
         self.dropped = 0  # messages over the rate since flood_since
         self.flood_since = 0.0
         self.warned_at = -FLOOD_WINDOW  # last "slow down" notice
@@ -628,6 +1060,16 @@ class Connection:
     def name(self) -> str:
         return "%s (%s)" % (self.nick, self.address) if self.nick else self.address
 
+    @property
+    def closing(self) -> bool:
+        """Told why it goes (or gone): nothing it sends is handled any more."""
+        return self.state >= CLOSING
+
+    @property
+    def charge(self) -> int:
+        """Every byte the server holds for this connection, as it is charged."""
+        return self.out.size + self.input_held
+
     def name_as(self, nick: str) -> None:
         """Set the nickname and the forms of it that the server compares."""
         self.nick = nick
@@ -637,7 +1079,39 @@ class Connection:
 
 
 class ChatServer:
-    """The selector loop: accepts, reads, relays and writes, in one thread."""
+    """The selector loop: accepts, reads, relays and writes, in one thread.
+
+    One turn of the loop (serve_forever), and the methods below in that order:
+
+    1. select() returns the sockets that are ready; each key's data is its
+       handler: _accept for the listener, _on_client_event for a client
+       (_tls_step first while TLS is set up).
+    2. Reading: _receive takes up to 256 KiB; _consume walks the frames in it.
+       Chat messages that already carry the sender's nickname form a run
+       relayed as one slice (_relay_run); anything else goes to _handle_frame
+       (nickname, password, commands, chat to restamp). An unfinished tail is
+       kept (_keep_tail, _complete_tail); a large frame gets a buffer of its
+       own (_start_large, _receive_large). Every byte held is charged
+       (_hold_input), every message passes the rates (_admit).
+    3. Relaying: every byte for a client goes into its OutputQueue through
+       _queue (one client) or _broadcast (the room), charged at what it keeps
+       alive, to the client, its address (Account) and the server (Budget).
+    4. The end of the turn (_end_of_turn): readers past --max-queue are cut,
+       the turn's joins and leaves announced (_announce), every queue given
+       to its socket at once (_send), then the budgets of addresses and of
+       the server enforced on what stayed queued (_enforce_budgets), and four
+       times a second _housekeeping: deadlines of handshakes, of closing
+       connections and of frames that stopped arriving (_stalled).
+    5. Closing: _reject (tell why, close once sent), _cut (drop what is
+       queued first), _lost and _destroy (at once).
+
+    The hooks a room shared with other servers overrides (SharedChatServer):
+    _may_relay and _relayed (chat to and from the room), _notice and _online
+    (notices and counts), _join, _rename and _leave_room (nicknames claimed
+    elsewhere), _handle_frame (input held while a claim is pending), the
+    commands that ask the room (/who, /msg), and the loop's own _end_of_turn,
+    _housekeeping and _shutdown.
+    """
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config = config or ServerConfig()
@@ -655,7 +1129,18 @@ class ChatServer:
         # Connections on their way out (told why, in their grace time), oldest first.
         self._closing: dict[Connection, None] = {}
         self.users: dict[str, Connection] = {}  # casefolded nickname -> connection
-        self.per_address: dict[str, int] = collections.Counter()
+        self.skeletons: dict[str, Connection] = {}  # nick_skeleton() -> connection
+        # Budgets: the whole server's, and one per address (with its rates).
+        self.memory = Budget(config.max_memory)
+        self.accounts: dict[str, Account] = {}
+        self._over: set[Budget] = set()  # budgets past their limit this turn
+        # Users' rates (messages, bytes), by casefolded nickname: a user who
+        # comes back finds them as it left them.
+        self.user_rates: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._limited = bool(
+            config.rate or config.byte_rate or config.address_rate or config.address_byte_rate
+        )
+        self._unfinished: set[Connection] = set()  # holding part of a frame
         self.pending_bytes = 0  # large frames arriving, all together
         self._now = time.monotonic()  # when this turn of the loop began
         self._dirty: list[Connection] = []
@@ -669,16 +1154,13 @@ class ChatServer:
         self._stopping = False
         self._accept_paused_until = 0.0
         self._next_housekeeping = 0.0
+        self._next_forget = 0.0
         self._spare_fd: int | None = None
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
-        # The last chat messages as the frames that were relayed, replayed to
-        # every newcomer. It must fit
-        # in one client's queue, so it also keeps to half of --max-queue.
+        # The last chat messages, replayed to every newcomer. It must fit in
+        # one client's queue, so it also keeps to half of --max-queue.
         self.history_size = config.history
-        # (size, frame) pairs
-        self.history: collections.deque[tuple[int, tuple[Buffer, ...]]] = collections.deque()
-        self._history_bytes = 0
-        self._history_limit = self.max_queue // 2
+        self.history = History(config.history, self.max_queue // 2, self.memory)
 
     # -- setting up -------------------------------------------------------
 
@@ -755,6 +1237,8 @@ class ChatServer:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        if hasattr(signal, "SIGHUP"):  # the terminal closed, the ssh session dropped
+            signal.signal(signal.SIGHUP, on_signal)
 
     def _drain_wakeup(self, mask: int) -> None:
         assert self._wakeup is not None
@@ -816,7 +1300,8 @@ class ChatServer:
         per_address = config.max_per_address
         if per_address is None and not _is_loopback(host):
             per_address = DEFAULT_MAX_PER_ADDRESS
-        if per_address and self.per_address[host] >= per_address:
+        account = self.accounts.get(host)
+        if per_address and account is not None and len(account.conns) >= per_address:
             log("refused %s: %d connections from that address" % (address, per_address))
             _send_and_close(
                 sock, "Too many connections from your address (%d); try again later" % per_address
@@ -832,15 +1317,16 @@ class ChatServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        conn = Connection(sock, host, address, self._now + config.handshake_timeout)
+        if account is None:
+            account = Account(host, config.max_address_memory, config, self._now)
+            self.accounts[host] = account
+        conn = Connection(sock, account, self.memory, address, self._now + config.handshake_timeout)
         conn.handler = functools.partial(self._on_client_event, conn)
-        conn.tokens = float(config.burst)
-        conn.token_time = self._now
         if self.tls_context is not None:
             conn.tls = TLS_PEEK
         self.connections.add(conn)
         self._waiting.add(conn)
-        self.per_address[host] += 1
+        account.conns.add(conn)
         self.selector.register(sock, selectors.EVENT_READ, conn.handler)
         log("connection from %s" % address)
 
@@ -901,14 +1387,14 @@ class ChatServer:
     # -- reading ----------------------------------------------------------
 
     def _on_client_event(self, conn: Connection, mask: int) -> None:
-        if conn not in self.connections:  # closed earlier in this turn
+        if conn.state == CLOSED:  # closed earlier in this turn
             return
         if conn.tls and conn.tls != TLS_ON:
             self._tls_step(conn)
             return
         if mask & selectors.EVENT_WRITE:
             self._send(conn)
-        if mask & selectors.EVENT_READ and conn in self.connections:
+        if mask & selectors.EVENT_READ and conn.state != CLOSED:
             self._receive(conn)
 
     def _receive(self, conn: Connection) -> None:
@@ -930,7 +1416,7 @@ class ChatServer:
             except OSError as exc:
                 self._lost(conn, "connection error: %s" % _reason(exc))
                 return
-            if conn.tls != TLS_ON or conn not in self.connections or not conn.sock.pending():  # type: ignore[attr-defined]
+            if conn.tls != TLS_ON or conn.state == CLOSED or not conn.sock.pending():  # type: ignore[attr-defined]
                 return
 
     def _consume(self, conn: Connection, data: bytes) -> None:
@@ -952,7 +1438,7 @@ class ChatServer:
                 return
         run = -1  # start of the run of frames to relay verbatim
         nick_field = conn.nick_field  # b"\0nick\0" once registered
-        limited = self.rate > 0
+        limited = self._limited
         while end - pos >= HEADER_SIZE:
             length = self._frame_length(conn, data[pos : pos + HEADER_SIZE])
             if length < 0:
@@ -970,7 +1456,7 @@ class ChatServer:
                     and data.startswith(nick_field, first)
                     and first + len(nick_field) < stop
                 ):
-                    if not limited or self._admit(conn):
+                    if not limited or self._admit(conn, stop - pos):
                         if run < 0:
                             run = pos
                         pos = stop
@@ -987,7 +1473,7 @@ class ChatServer:
                 if not self._relay_run(conn, data, run, pos):
                     return
                 run = -1
-            if not self._handle_frame(conn, data, start, stop):
+            if not self._handle_frame(conn, data, start, stop) or conn.closing:
                 return
             # That frame may have been the nickname or a /nick: what follows
             # in this read must be matched against the name it now has.
@@ -1006,10 +1492,12 @@ class ChatServer:
         one still go out, and the sender is closed.
         """
         good = stop if _utf8_valid(data, run, stop) else _utf8_frames_end(data, run, stop)
-        if good > run:
-            self._broadcast((memoryview(data)[run:good],), conn)
+        if good > run and self._may_relay(conn, good - run):
+            held = Held(memoryview(data)[run:good])
+            self._broadcast((held,), conn)
             if self.history_size:
-                self._remember_run(data, run, good)
+                self.history.remember_run(data, run, good)
+            self._relayed((held.buffer,))
         if good == stop:
             return True
         self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
@@ -1027,10 +1515,10 @@ class ChatServer:
                 "bad frame header %r" % header,
             )
             return -1
-        if conn.nick is None and length > MAX_HANDSHAKE_FRAME:
+        if conn.state <= PASSWORD and length > MAX_HANDSHAKE_FRAME:
             notice = (
                 "Protocol error: a password is at most %d bytes" % MAX_HANDSHAKE_FRAME
-                if conn.asked_nick is not None
+                if conn.state == PASSWORD
                 else "Nickname rejected: must be 1 to %d characters" % MAX_NICK_LENGTH
             )
             self._reject(conn, notice, "handshake frame of %d bytes" % length)
@@ -1053,21 +1541,25 @@ class ChatServer:
             tail += data[pos : pos + take]
             pos += take
             if len(tail) < HEADER_SIZE:
+                self._hold_input(conn, len(tail))
                 return -1
         length = self._frame_length(conn, bytes(tail[:HEADER_SIZE]))
         if length < 0:
             return -1
         if length >= LARGE_FRAME:
             conn.tail = bytearray()
+            self._hold_input(conn, 0)
             pos += self._start_large(conn, length, tail[HEADER_SIZE:], data, pos)
             return -1 if conn.large is not None or conn.skip or pos >= len(data) else pos
         need = HEADER_SIZE + length - len(tail)
         tail += data[pos : pos + need]
         if len(tail) < HEADER_SIZE + length:
+            self._hold_input(conn, len(tail))
             return -1
         conn.tail = bytearray()
+        self._hold_input(conn, 0)
         frame = bytes(tail)
-        if not self._handle_frame(conn, frame, HEADER_SIZE, len(frame)):
+        if not self._handle_frame(conn, frame, HEADER_SIZE, len(frame)) or conn.closing:
             return -1
         return pos + need
 
@@ -1078,6 +1570,26 @@ class ChatServer:
                 self._start_large(conn, length, b"", data, pos + HEADER_SIZE)
                 return
         conn.tail = bytearray(data[pos:])
+        self._hold_input(conn, len(conn.tail))
+
+    def _hold_input(self, conn: Connection, size: int) -> None:
+        """Charge ``size`` bytes of unfinished input to conn, its address and the server."""
+        change = size - conn.input_held
+        if change:
+            conn.input_held = size
+            account = conn.account
+            account.held += change
+            self.memory.held += change
+            if change > 0:
+                conn.input_since = self._now
+                if account.over():
+                    self._over.add(account)
+                if self.memory.over():
+                    self._over.add(self.memory)
+        if size:
+            self._unfinished.add(conn)
+        else:
+            self._unfinished.discard(conn)
 
     def _start_large(
         self, conn: Connection, length: int, head: Buffer, data: bytes, pos: int
@@ -1093,14 +1605,18 @@ class ChatServer:
         got = len(head)
         piece = data[pos : pos + length - got]
         if self.pending_bytes + length > self.config.max_pending:
-            conn.skip = length - got - len(piece)
+            refusal: str | None = "the server is busy receiving other large messages"
             log(
                 "%s: large message refused, %d bytes already arriving"
                 % (conn.name, self.pending_bytes)
             )
-            self._tell(
-                conn, "Not sent: the server is busy receiving other large messages; try again later"
-            )
+        else:
+            refusal = self._make_room(conn, length)
+            if refusal is not None:
+                log("%s: large message refused: %s" % (conn.name, refusal))
+        if refusal is not None:
+            conn.skip = length - got - len(piece)
+            self._tell(conn, "Not sent: %s; try again later" % refusal)
             return len(piece)
         large = bytearray(length)
         large[:got] = head
@@ -1108,9 +1624,50 @@ class ChatServer:
         conn.large = large
         conn.large_got = got + len(piece)
         self.pending_bytes += length
+        self._hold_input(conn, length)
         if conn.large_got == length:
             self._finish_large(conn)
         return len(piece)
+
+    def _make_room(self, conn: Connection, size: int) -> str | None:
+        """Make room for ``size`` more bytes held for conn, or say why there is none.
+
+        Past the address's budget or the server's, the connection holding
+        the most is cut, as long as it holds at least what conn would then
+        hold: when conn would be the biggest, conn is the one refused. (Past
+        --max-pending, _start_large refuses the new frame for a while: the
+        frames arriving complete or time out.)
+        """
+        levels: list[tuple[str, Callable[[], bool], Callable[[], Any]]] = [
+            (
+                "your address holds too much of the server's memory",
+                lambda: 0 < conn.account.limit < conn.account.held + size,
+                lambda: conn.account.conns,
+            ),
+            (
+                "the server is short of memory",
+                lambda: 0 < self.memory.limit < self.memory.held + size,
+                lambda: self.connections,
+            ),
+        ]
+        wanted = conn.charge + size
+        for refusal, full, pool in levels:
+            if not full():
+                continue
+            # The biggest first; of equals, the one whose input stalled longest.
+            holders = sorted(
+                (c for c in pool() if c is not conn and not c.closing),
+                key=lambda c: (-c.charge, c.input_since),
+            )
+            for victim in holders:
+                if victim.charge < wanted:
+                    return refusal
+                self._cut(victim, refusal + ", and you held the most", "over a memory budget")
+                if not full():
+                    break
+            else:
+                return refusal
+        return None
 
     def _receive_large(self, conn: Connection) -> None:
         large = conn.large
@@ -1120,6 +1677,7 @@ class ChatServer:
             self._peer_closed(conn)
             return
         conn.large_got += count
+        conn.input_since = self._now
         if conn.large_got == len(large):
             self._finish_large(conn)
 
@@ -1129,6 +1687,7 @@ class ChatServer:
             conn.large = None
             conn.large_got = 0
             self.pending_bytes -= len(large)
+            self._hold_input(conn, 0)
         return large
 
     def _finish_large(self, conn: Connection) -> None:
@@ -1140,11 +1699,11 @@ class ChatServer:
 
     def _handle_frame(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         """Handle the payload data[start:stop]; False when the connection is done."""
-        if conn.nick is None:
-            if conn.asked_nick is not None:
-                return self._check_password(conn, data, start, stop)
+        if conn.state == NAMING:
             return self._register(conn, data, start, stop)
-        if not self._admit(conn):
+        if conn.state == PASSWORD:
+            return self._check_password(conn, data, start, stop)
+        if self._limited and not self._admit(conn, HEADER_SIZE + stop - start):
             return not conn.closing
         if not _utf8_valid(data, start, stop):
             self._reject(conn, "Protocol error: message is not valid UTF-8", "invalid UTF-8")
@@ -1152,7 +1711,7 @@ class ChatServer:
         first = data.find(b"\0", start, stop)
         if first < 0:
             self._command(conn, str(memoryview(data)[start:stop], "utf-8"))
-            return True
+            return not conn.closing
         second = data.find(b"\0", first + 1, stop)
         if second < 0:
             self._tell(conn, "Not sent: a chat message has three parts, time, nick and text")
@@ -1168,14 +1727,29 @@ class ChatServer:
             frame = (b"".join((frame_header(size), head, bytes(data[second + 1 : stop]))),)
         else:  # the text is shared by every receiver, never copied
             frame = (frame_header(size) + head, memoryview(data)[second + 1 : stop])
-        self._relay_chat(frame, HEADER_SIZE + size, conn)
+        self._relay_chat(hold(frame), conn)
         return True
 
-    def _relay_chat(self, frame: tuple[Buffer, ...], size: int, sender: Connection | None) -> None:
-        """Send a chat message (or action) the server wrote to the room, and remember it."""
-        self._broadcast(frame, sender)
+    def _relay_chat(
+        self, frame: tuple[Held, ...], conn: Connection, to_sender: bool = False
+    ) -> None:
+        """Send a chat message (or action) the server wrote for conn to the room
+        (conn too when ``to_sender``), and remember it."""
+        if not self._may_relay(conn, sum(len(held.buffer) for held in frame)):
+            return
+        self._broadcast(frame, None if to_sender else conn)
         if self.history_size:
-            self._remember(size, frame)
+            self.history.remember(frame)
+        self._relayed([held.buffer for held in frame])
+
+    # Hooks for a room shared with other servers (SharedChatServer).
+
+    def _may_relay(self, conn: Connection, size: int) -> bool:
+        """Whether ``size`` bytes of chat from conn may go to the room now."""
+        return True
+
+    def _relayed(self, buffers: Sequence[Buffer]) -> None:
+        """Chat frames that went to the room (and the history)."""
 
     def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         try:
@@ -1187,15 +1761,18 @@ class ChatServer:
                 "nickname is not valid UTF-8",
             )
             return False
-        if self.password_digest is not None and conn.asked_nick is None:
+        if self.password_digest is not None and conn.state == NAMING:
             # The nickname is checked only once the password is right: before
             # that a peer learns nothing, not even who is online.
+            conn.state = PASSWORD
             conn.asked_nick = nick
             self._tell(conn, PASSWORD_REQUEST)
             return True
-        reason = check_nick(nick)
-        if reason is None and nick.casefold() in self.users:
-            reason = "%r is already in use" % nick
+        return self._accept_nick(conn, nick)
+
+    def _accept_nick(self, conn: Connection, nick: str) -> bool:
+        """Let conn in as ``nick`` if it may have it and its address may bring one more in."""
+        reason = self._nick_refused(conn, nick)
         if reason is not None:
             self._reject(
                 conn,
@@ -1203,14 +1780,57 @@ class ChatServer:
                 "nickname rejected: %s" % reason,
             )
             return False
+        account = conn.account
+        if not account.joins.take(self._now):
+            wait = account.joins.wait(self._now)
+            self._reject(
+                conn,
+                "Too many users joined from your address; try again in %d s" % (wait + 1),
+                "over --join-rate for its address",
+            )
+            return False
         conn.asked_nick = None
         return self._join(conn, nick)
+
+    def _nick_refused(self, conn: Connection, nick: str) -> str | None:
+        """Why ``nick`` cannot be conn's nickname now, or None when it can."""
+        reason = check_nick(nick)
+        if reason is not None:
+            return reason
+        taken = self.users.get(nick.casefold())
+        if taken is not None and taken is not conn:
+            return "%r is already in use" % nick
+        like = self.skeletons.get(nick_skeleton(nick))
+        if like is not None and like is not conn:
+            return "%r looks too much like %r, who is online" % (nick, like.nick)
+        return None
+
+    def _name(self, conn: Connection, nick: str | None) -> None:
+        """Give conn its nickname (None: take it away) in every index of them."""
+        if conn.nick is not None and self.users.get(conn.nick_key) is conn:
+            del self.users[conn.nick_key]
+            skeleton = nick_skeleton(conn.nick)
+            if self.skeletons.get(skeleton) is conn:
+                del self.skeletons[skeleton]
+        if nick is not None:
+            conn.name_as(nick)
+            self.users[conn.nick_key] = conn
+            self.skeletons.setdefault(nick_skeleton(nick), conn)
 
     def _join(self, conn: Connection, nick: str) -> bool:
         """Admit a checked nickname: welcome, history, and a notice for the others."""
         self._waiting.discard(conn)
-        conn.name_as(nick)
-        self.users[conn.nick_key] = conn
+        conn.state = CHATTING
+        self._name(conn, nick)
+        rates = self.user_rates.get(conn.nick_key)
+        if rates is None:
+            config = self.config
+            rates = (
+                TokenBucket(config.rate, config.burst, self._now),
+                TokenBucket(config.byte_rate, config.byte_burst, self._now),
+            )
+            self.user_rates[conn.nick_key] = rates
+        conn.messages, conn.bytes = rates
         limit = (
             " Limit: %g messages a second, bursts of %d." % (self.rate, self.config.burst)
             if self.rate
@@ -1230,43 +1850,87 @@ class ChatServer:
     def _check_password(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         # Both sides hashed first: compare_digest() is constant-time only for
         # inputs of equal length.
+        account = conn.account
+        now = self._now
+        if now < account.locked_until:
+            # Not checked, and not logged one by one: counted, and logged once.
+            account.refused += 1
+            self._close_when_done(
+                conn,
+                "Too many wrong passwords from your address; try again in %d s"
+                % (account.locked_until - now + 1),
+            )
+            return False
+        self._log_refused(account)
         digest = hashlib.sha256(memoryview(data)[start:stop]).digest()
         assert self.password_digest is not None and conn.asked_nick is not None
         if not hmac.compare_digest(digest, self.password_digest):
-            self._reject(conn, "Wrong password", "wrong password")
+            account.failures += 1
+            tries = self.config.password_tries
+            if account.failures < tries:
+                self._reject(conn, "Wrong password", "wrong password")
+                return False
+            lockout = min(2.0 ** (account.failures - tries), PASSWORD_LOCKOUT_MAX)
+            account.locked_until = now + lockout
+            self._reject(
+                conn,
+                "Wrong password; too many from your address, try again in %d s" % lockout,
+                "wrong password, %d in a row from %s: locked out for %d s"
+                % (account.failures, conn.host, lockout),
+            )
             return False
-        nick = conn.asked_nick.encode("utf-8")
-        return self._register(conn, nick, 0, len(nick))
+        account.failures = 0
+        return self._accept_nick(conn, conn.asked_nick)
 
-    def _admit(self, conn: Connection) -> bool:
-        """The per-client token bucket: True when this message may go through."""
-        rate = self.rate
-        if not rate:
-            return True
+    def _admit(self, conn: Connection, size: int, cost: float = 1.0) -> bool:
+        """The user's and its address's token buckets, in messages and in bytes:
+        True when a message of ``size`` bytes (costing ``cost`` messages) may go.
+
+        A user within its own rates who has sent little lately (more than half
+        of its bursts left) may go on past its address's rates, into a reserve
+        of one more burst: those rates stop the heavy senders of a busy
+        address before their neighbours.
+        """
         now = self._now
-        tokens = conn.tokens + (now - conn.token_time) * rate
-        burst = self.config.burst
-        conn.tokens = tokens if tokens < burst else float(burst)
-        conn.token_time = now
-        if conn.tokens >= 1.0:
-            conn.tokens -= 1.0
+        messages, nbytes = conn.messages, conn.bytes
+        if messages is None or nbytes is None:  # not a user yet
             return True
+        if not messages.take(now, cost):
+            why = "at most %g messages a second, bursts of %d" % (messages.rate, messages.burst)
+        elif not nbytes.take(now, size):
+            messages.give_back(cost)
+            why = "at most %d bytes a second, bursts of %d" % (nbytes.rate, nbytes.burst)
+        else:
+            account = conn.account
+            if account.messages.take(now, cost):
+                if account.bytes.take(now, size):
+                    return True
+                account.messages.give_back(cost)
+            if messages.light() and nbytes.light() and account.messages.borrow(now, cost):
+                if account.bytes.borrow(now, size):
+                    return True
+                account.messages.give_back(cost)
+            messages.give_back(cost)
+            nbytes.give_back(size)
+            why = "your address may send at most %s a second" % _amount(
+                account.messages.rate, account.bytes.rate
+            )
         if now - conn.flood_since > FLOOD_WINDOW:
             conn.flood_since = now
             conn.dropped = 0
         conn.dropped += 1
-        if conn.dropped > max(rate * FLOOD_WINDOW, burst):
+        rate = self.rate
+        if conn.dropped > max(rate * FLOOD_WINDOW, self.config.burst):
             self._reject(
-                conn, "Disconnected: flooding (far over %g messages a second)" % rate, "flooding"
+                conn,
+                "Disconnected: flooding (far over %s a second)"
+                % ("%g messages" % rate if rate else "%d bytes" % self.config.byte_rate),
+                "flooding",
             )
         elif now - conn.warned_at >= 1.0:
             conn.warned_at = now
-            log("%s: over --rate, told to slow down" % conn.name)
-            self._tell(
-                conn,
-                "Slow down: at most %g messages a second, bursts of %d; "
-                "messages over that are not sent" % (rate, burst),
-            )
+            log("%s: over the rate (%s), told to slow down" % (conn.name, why))
+            self._tell(conn, "Slow down: %s; messages over that are not sent" % why)
         return False
 
     def _command(self, conn: Connection, line: str) -> None:
@@ -1286,7 +1950,12 @@ class ChatServer:
             handler(self, conn, line)
 
     # -- commands ---------------------------------------------------------
-    # Each handler's docstring is its line in /help.
+    # Each handler's docstring is its line in /help. Each costs a message of
+    # the sender's rate, and those that cost the server more take more.
+
+    def _charge_command(self, conn: Connection, extra: float) -> bool:
+        """Take ``extra`` more messages of conn's rates for a costly command."""
+        return extra <= 0 or not self._limited or self._admit(conn, 0, extra)
 
     def _cmd_help(self, conn: Connection, line: str) -> None:
         """/help: this list"""
@@ -1299,6 +1968,8 @@ class ChatServer:
 
     def _cmd_who(self, conn: Connection, line: str) -> None:
         """/who: who is online, and since when"""
+        if not self._charge_command(conn, len(self.users) // WHO_USERS_PER_TOKEN):
+            return
         now = time.monotonic()
         users = sorted(self.users.values(), key=lambda user: user.nick_key)
         self._tell(
@@ -1328,7 +1999,7 @@ class ChatServer:
             )
             return
         field = "%s %s -> %s" % (PRIVATE_MARK, conn.nick, target.nick)
-        frame = (encode_frame("\0".join((utc_stamp(), field, parts[2])).encode("utf-8")),)
+        frame = (Held(encode_frame("\0".join((utc_stamp(), field, parts[2])).encode("utf-8"))),)
         # Both ends see it, so the sender knows it went out and to whom.
         self._deliver(target, frame)
         if target is not conn:
@@ -1336,6 +2007,8 @@ class ChatServer:
 
     def _cmd_nick(self, conn: Connection, line: str) -> None:
         """/nick NEW: change your nickname"""
+        if not self._charge_command(conn, NICK_COST - 1):  # a notice to everyone
+            return
         parts = line.split(None, 1)
         if len(parts) != 2:
             self._tell(conn, "Nickname not changed: type /nick NEW")
@@ -1346,19 +2019,14 @@ class ChatServer:
         if new == old:
             self._tell(conn, "Nickname not changed: you are %s already" % new)
             return
-        reason = check_nick(new)
-        taken = self.users.get(new.casefold())
-        if reason is None and taken is not None and taken is not conn:
-            reason = "%r is already in use" % new
+        reason = self._nick_refused(conn, new)
         if reason is not None:
             self._tell(conn, "Nickname not changed: %s" % reason.replace("'", '"'))
             return
         self._rename(conn, old, new)
 
     def _rename(self, conn: Connection, old: str, new: str) -> None:
-        del self.users[conn.nick_key]
-        conn.name_as(new)
-        self.users[conn.nick_key] = conn
+        self._name(conn, new)
         self._tell(conn, RENAMED + new)
         if conn not in self._joined:  # otherwise the join notice names the new nickname
             self._notice("%s is now known as %s" % (old, new), conn)
@@ -1372,7 +2040,7 @@ class ChatServer:
             return
         field = "%s %s" % (ACTION_MARK, conn.nick)
         frame = encode_frame("\0".join((utc_stamp(), field, parts[1])).encode("utf-8"))
-        self._relay_chat((frame,), len(frame), None)  # the sender too: the server wrote this line
+        self._relay_chat((Held(frame),), conn, to_sender=True)  # the server wrote this line
 
     COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
         "/help": _cmd_help,
@@ -1382,119 +2050,107 @@ class ChatServer:
         "/me": _cmd_me,
     }
 
-    # -- history ----------------------------------------------------------
-
-    def _remember_run(self, data: bytes, start: int, stop: int) -> None:
-        """Remember the frames of a relayed run. Only the last --history of them
-        can stay, so only those are copied out of what was received (a slice
-        would keep the whole read alive)."""
-        starts = []
-        while start < stop:
-            starts.append(start)
-            start += HEADER_SIZE + int(data[start : start + HEADER_SIZE])  # checked already
-        starts.append(stop)
-        for index in range(max(0, len(starts) - 1 - self.history_size), len(starts) - 1):
-            begin, end = starts[index], starts[index + 1]
-            self._remember(end - begin, (data[begin:end],))
-
-    def _remember(self, size: int, frame: tuple[Buffer, ...]) -> None:
-        history = self.history
-        history.append((size, frame))
-        self._history_bytes += size
-        while len(history) > self.history_size or self._history_bytes > self._history_limit:
-            self._history_bytes -= history.popleft()[0]
-
     def _replay_history(self, conn: Connection) -> None:
-        if not self.history:
-            return
-        begin = HISTORY_BEGIN % plural(len(self.history), "message")
-        buffers: list[Buffer] = [encode_frame(begin.encode("utf-8"))]
-        for _, frame in self.history:
-            buffers.extend(frame)
-        buffers.append(encode_frame(HISTORY_END.encode("utf-8")))
-        self._queue(conn, buffers)
+        helds = self.history.replay()
+        if helds:
+            self._queue(conn, helds)
 
     # -- writing ----------------------------------------------------------
 
     def _tell(self, conn: Connection, text: str) -> None:
-        self._queue(conn, (encode_frame(text.encode("utf-8")),))
+        self._queue(conn, (Held(encode_frame(text.encode("utf-8"))),))
 
-    def _queue(self, conn: Connection, buffers: Sequence[Buffer]) -> None:
-        if not conn.out and not conn.dirty:
+    def _queue(self, conn: Connection, helds: Sequence[Held]) -> None:
+        """Queue output for one connection: the one way to it besides _broadcast.
+
+        Past --max-queue the connection is cut at once (one message, however
+        large, may always wait alone), so that no reply it asks for can pile up.
+        """
+        out = conn.out
+        if not out and not conn.dirty:
             conn.dirty = True
             self._dirty.append(conn)
-        conn.out.extend(buffers)
-        for buffer in buffers:
-            conn.out_size += len(buffer)
+        for held in helds:
+            out.push(held)
+        if conn.closing:  # its last words: what it was owed is gone already
+            return
+        if out.size > self.max_queue and len(out) > len(helds):
+            self._drop_slow_reader(conn)
+        elif out.account.over():
+            self._over.add(out.account)
+        if self.memory.over():
+            self._over.add(self.memory)
 
-    def _deliver(self, conn: Connection, buffers: Sequence[Buffer]) -> None:
-        """Queue a message from another user for one client, with the queue limit."""
-        self._queue(conn, buffers)
-        if conn.out_size > self.max_queue and len(conn.out) > len(buffers):
-            self._overflowed.append(conn)
+    _deliver = _queue  # a message from another user: the same limits
 
     def _broadcast(
         self,
-        buffers: Sequence[Buffer],
+        helds: Sequence[Held],
         sender: Connection | None = None,
         skip: set[Connection] | None = None,
     ) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
         if self._joined:  # whoever joined this turn is announced before they speak
             self._announce()
-        size = sum(len(b) for b in buffers)
+        size = 0
+        for held in helds:
+            size += held.size
         dirty = self._dirty
         limit = self.max_queue
-        single = buffers[0] if len(buffers) == 1 else None
+        over = self._over
+        single = helds[0] if len(helds) == 1 else None
+        count = 0
         for conn in self.users.values():
             if conn is sender or (skip is not None and conn in skip):
                 continue
+            count += 1
             out = conn.out
-            if not out and not conn.dirty:
+            entries = out.entries
+            if not entries and not conn.dirty:
                 conn.dirty = True
                 dirty.append(conn)
             if single is not None:
-                out.append(single)
+                entries.append(single)
             else:
-                out.extend(buffers)
-            conn.out_size += size
+                entries.extend(helds)
+            out.size += size
+            account = out.account
+            account.held += size
             # One message, however large, may always wait alone in the queue.
-            if conn.out_size > limit and len(out) > len(buffers):
+            if out.size > limit and len(entries) > len(helds):
                 self._overflowed.append(conn)
+            if 0 < account.limit < account.held:
+                over.add(account)
+        if count:  # what OutputQueue.push() does, once for all of them
+            memory = self.memory
+            for held in helds:
+                if not held.refs:
+                    memory.held += held.size
+                held.refs += count
+            if memory.over():
+                over.add(memory)
 
     def _send(self, conn: Connection) -> None:
         """Send as much queued output as the socket takes now, without blocking."""
         out = conn.out
         sock = conn.sock
-        while out:
+        while out.entries:
             try:
                 if conn.tls:
                     sent = self._send_tls(conn)
                 elif _HAVE_SENDMSG:
                     # Many queued frames, one system call.
-                    sent = sock.sendmsg(list(itertools.islice(out, IOV_MAX)))
+                    sent = sock.sendmsg(out.buffers(IOV_MAX))
                 else:
-                    sent = sock.send(out[0])
+                    sent = sock.send(out.buffers(1)[0])
             except _WOULD_BLOCK:
                 break
             except OSError as exc:
                 self._lost(conn, "connection error: %s" % _reason(exc))
                 return
-            conn.out_size -= sent
-            while sent:
-                first = out[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    out.popleft()
-                    conn.partial = False
-                else:
-                    out[0] = memoryview(first)[sent:]
-                    conn.partial = True
-                    break
-            else:
-                continue
-            break  # the socket took part of a buffer: it is full
-        if out:
+            if out.advance(sent):
+                break  # the socket took part of a buffer: it is full
+        if out.entries:
             if not conn.writing:
                 conn.writing = True
                 self.selector.modify(
@@ -1515,7 +2171,7 @@ class ChatServer:
         if chunk is None:
             parts = []
             size = 0
-            for buffer in conn.out:
+            for buffer in conn.out.buffers(IOV_MAX):
                 parts.append(buffer)
                 size += len(buffer)
                 if size >= RECV_SIZE or len(parts) >= IOV_MAX:
@@ -1532,7 +2188,7 @@ class ChatServer:
         if self._overflowed:
             overflowed, self._overflowed = self._overflowed, []
             for conn in overflowed:
-                if not conn.closing and conn in self.connections:
+                if not conn.closing:
                     self._drop_slow_reader(conn)
         if self._joined or self._left:
             self._announce()
@@ -1542,14 +2198,53 @@ class ChatServer:
             dirty, self._dirty = self._dirty, []
             for conn in dirty:
                 conn.dirty = False
-                if conn.sock.fileno() >= 0:
+                if conn.state != CLOSED:
                     self._send(conn)
+        if self._over:
+            self._enforce_budgets()
         if _log_held:
             flush_log()
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._housekeeping(now)
+
+    def _enforce_budgets(self) -> None:
+        """Bring every budget that went past its limit back under it.
+
+        Checked once the turn's output was offered to the sockets, so what
+        counts is what stays queued: a reader that keeps up holds nothing.
+        The connection holding the most is cut, again until the budget holds.
+        """
+        over, self._over = self._over, set()
+        memory = self.memory
+        for budget in sorted(over, key=lambda b: b is memory):  # addresses first
+            if not budget.over():
+                continue
+            if budget is memory:
+                pool: Any = self.connections
+                why = "the server is short of memory (limit %d bytes), and you held the most"
+            else:
+                pool = budget.conns  # type: ignore[attr-defined]
+                why = "your address holds too much (limit %d bytes), and you held the most"
+            holders = sorted(
+                (c for c in pool if not c.closing and c.charge), key=lambda c: -c.charge
+            )
+            for victim in holders:
+                if not budget.over():
+                    break
+                log(
+                    "%s holds %d bytes, the most: cut (%s over its %d bytes)"
+                    % (
+                        victim.name,
+                        victim.charge,
+                        "the server" if budget is memory else "its address",
+                        budget.limit,
+                    )
+                )
+                self._cut(victim, why % budget.limit, "over a memory budget")
+                if victim.state != CLOSED:
+                    self._send(victim)
 
     def _announce(self) -> None:
         """Tell every user who joined and left since the last notices, each with
@@ -1590,16 +2285,23 @@ class ChatServer:
         self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
     ) -> None:
         """A service message about the room (joins, leaves, renames) for its users."""
-        self._broadcast((encode_frame(text.encode("utf-8")),), sender, skip)
+        self._broadcast((Held(encode_frame(text.encode("utf-8"))),), sender, skip)
 
     def _tell_room(self, conn: Connection, text: str) -> None:
         """A notice about the room for one user alone, counted like the others."""
-        self._deliver(conn, (encode_frame(text.encode("utf-8")),))
+        self._deliver(conn, (Held(encode_frame(text.encode("utf-8"))),))
 
     def _online(self) -> int:
         return len(self.users)
 
     def _housekeeping(self, now: float) -> None:
+        timeout = self.config.frame_timeout
+        if timeout:
+            for conn in [c for c in self._unfinished if now - c.input_since >= timeout]:
+                self._stalled(conn, timeout)
+        if now >= self._next_forget:
+            self._next_forget = now + FORGET_INTERVAL
+            self._forget(now)
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             if self.listener is not None:
@@ -1616,18 +2318,63 @@ class ChatServer:
                     conn,
                     "No %s received within %g second%s"
                     % (
-                        "nickname" if conn.asked_nick is None else "password",
+                        "password" if conn.state == PASSWORD else "nickname",
                         timeout,
                         "" if timeout == 1 else "s",
                     ),
                     "handshake timeout",
                 )
 
+    def _stalled(self, conn: Connection, timeout: float) -> None:
+        """Drop the frame conn stopped sending ``timeout`` seconds ago, and free it.
+
+        The rest of it, if it ever comes, is skipped. A header that never
+        came whole leaves nothing to skip by: that connection is closed.
+        """
+        waited = "%g second%s" % (timeout, "" if timeout == 1 else "s")
+        if conn.large is not None:
+            conn.skip = len(conn.large) - conn.large_got
+            self._drop_large(conn)
+        elif len(conn.tail) >= HEADER_SIZE:
+            conn.skip = HEADER_SIZE + parse_header(bytes(conn.tail[:HEADER_SIZE])) - len(conn.tail)
+            conn.tail = bytearray()
+            self._hold_input(conn, 0)
+        elif not conn.tail:  # what it holds is no frame (input held during a claim)
+            return
+        else:
+            self._reject(
+                conn,
+                "Disconnected: a frame header stopped arriving for %s" % waited,
+                "unfinished frame header for %s" % waited,
+            )
+            return
+        log("%s: unfinished message dropped after %s" % (conn.name, waited))
+        self._tell(conn, "Not sent: your message stopped arriving for %s and was dropped" % waited)
+
+    def _log_refused(self, account: Account) -> None:
+        if account.refused:
+            log(
+                "%s: %s refused unchecked while the address was locked out"
+                % (account.host, plural(account.refused, "password"))
+            )
+            account.refused = 0
+
+    def _forget(self, now: float) -> None:
+        """Forget the accounts and users' rates that nothing needs any more."""
+        for host in [h for h, a in self.accounts.items() if a.forgettable(now)]:
+            self._log_refused(self.accounts.pop(host))
+        for key in [
+            k
+            for k, (m, b) in self.user_rates.items()
+            if k not in self.users and m.full(now) and b.full(now)
+        ]:
+            del self.user_rates[key]
+
     # -- closing ----------------------------------------------------------
 
     def _leave_room(self, conn: Connection, why: str) -> None:
         if conn.nick is not None and self.users.get(conn.nick_key) is conn:
-            del self.users[conn.nick_key]
+            self._name(conn, None)
             self._left.append((conn.nick, len(self._joined), self._joined.get(conn, -1)))
         log("%s disconnected: %s" % (conn.name, why))
 
@@ -1637,33 +2384,35 @@ class ChatServer:
         self._close_when_done(conn, notice)
 
     def _drop_slow_reader(self, conn: Connection) -> None:
-        # What is queued goes, but a frame already half sent is finished first,
-        # or the notice would land in the middle of it; and a TLS write that
-        # must be repeated is repeated as it was, whole.
-        head = conn.tls_chunk if conn.tls_chunk is not None else None
-        if head is None and conn.partial:
-            head = conn.out[0]
-        conn.out.clear()
-        conn.out_size = 0
-        if head is not None:
-            conn.out.append(head)
-            conn.out_size = len(head)
-        self._reject(
+        self._cut(
             conn,
-            "Disconnected: you were not reading and over %d bytes were "
-            "waiting for you" % self.max_queue,
+            "you were not reading and over %d bytes were waiting for you" % self.max_queue,
             "output queue over --max-queue",
         )
+
+    def _cut(self, conn: Connection, why: str, logged: str | None = None) -> None:
+        """Disconnect conn at once, freeing all it holds, because of ``why``.
+
+        What is queued goes, but a frame already half sent is finished first,
+        or the notice would land in the middle of it; and a TLS write that
+        must be repeated is repeated as it was, whole.
+        """
+        head: Buffer | None = conn.tls_chunk
+        if head is None and conn.out.sent:
+            head = memoryview(conn.out.entries[0].buffer)[conn.out.sent :]
+        conn.out.clear(head)
+        self._reject(conn, "Disconnected: %s" % why, logged or why)
 
     def _close_when_done(
         self, conn: Connection, notice: str | None, grace: float = CLOSE_GRACE
     ) -> None:
-        if conn not in self.connections:  # closed already
+        if conn.state == CLOSED:
             return
-        conn.closing = True
+        conn.state = CLOSING
         conn.tail = bytearray()
         conn.skip = 0
         self._drop_large(conn)
+        self._hold_input(conn, 0)
         conn.deadline = time.monotonic() + grace
         self._waiting.add(conn)
         self._closing[conn] = None
@@ -1702,15 +2451,14 @@ class ChatServer:
 
     def _destroy(self, conn: Connection, farewell: str | None = None) -> None:
         """Close now; ``farewell`` is one last notice tried without waiting."""
-        if conn not in self.connections:
+        if conn.state == CLOSED:
             return
+        conn.state = CLOSED
         self.connections.discard(conn)
         self._waiting.discard(conn)
         self._closing.pop(conn, None)
         conn.writing = False
-        self.per_address[conn.host] -= 1
-        if not self.per_address[conn.host]:
-            del self.per_address[conn.host]
+        conn.account.conns.discard(conn)
         if conn.nick is not None and self.users.get(conn.nick_key) is conn:
             self._leave_room(conn, "closed")
         self._drop_large(conn)
@@ -1723,7 +2471,8 @@ class ChatServer:
         else:
             conn.sock.close()
         conn.out.clear()
-        conn.out_size = 0
+        conn.tail = bytearray()
+        self._hold_input(conn, 0)
 
     def _shutdown(self) -> None:
         """Tell everyone, deliver what is owed for up to SHUTDOWN_GRACE, close all."""
@@ -1803,6 +2552,16 @@ def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host == "::1"
 
 
+def _amount(messages: float, nbytes: float) -> str:
+    """``100 messages or 1048576 bytes``: a rate in words, leaving out what is unlimited."""
+    parts = []
+    if messages:
+        parts.append("%g messages" % messages)
+    if nbytes:
+        parts.append("%d bytes" % nbytes)
+    return " or ".join(parts) or "any amount"
+
+
 def _names(names: list[str], total: int = 0) -> str:
     """``a, b and c``; past NOTICE_NAMES of ``total`` (default: all of ``names``),
     the first ones and how many others."""
@@ -1862,6 +2621,11 @@ REDIS_RETRY_FIRST = 0.5
 REDIS_RETRY_MAX = 10.0
 # How often the room's size is asked for (the count in join and leave notices).
 REDIS_COUNT_INTERVAL = 1.0
+# What one server publishes to the room, bytes a second; at once it never
+# publishes more than REDIS_MAX_SHARE, Redis's default soft limit of what it
+# holds for a pub/sub subscriber (past 32 MB it cuts the subscriber off).
+DEFAULT_REDIS_RATE = 4 << 20
+REDIS_MAX_SHARE = 8 << 20
 # Output waiting for a slow Redis; past it a turn's batch is dropped (and logged).
 REDIS_MAX_BACKLOG = 64 << 20
 ROOM_DEGRADED = (
@@ -2238,9 +3002,19 @@ class SharedChatServer(ChatServer):
     once per turn of the loop by the writer thread.
     """
 
-    def __init__(self, config: ServerConfig, link: RedisLink, history: list[bytes]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        link: RedisLink,
+        history: list[bytes],
+        rate: float = DEFAULT_REDIS_RATE,
+    ) -> None:
         super().__init__(config)
         self.link = link
+        # What this server publishes, in bytes: at most what Redis holds for a
+        # subscriber that is a little behind, at once.
+        burst = min(max(2 * rate, self.max_message + HEADER_SIZE), REDIS_MAX_SHARE)
+        self._publish = TokenBucket(rate, burst if rate else REDIS_MAX_SHARE, self._now)
         self.shared_up = True
         self.label = ""  # host:port, shown in /who
         self._outbox: list[tuple[bytes, list[Buffer]]] = []
@@ -2250,7 +3024,7 @@ class SharedChatServer(ChatServer):
         self._next_heartbeat = 0.0
         self._next_count = 0.0
         for frame in history[-self.history_size :] if self.history_size else ():
-            self._remember(len(frame), (frame,))
+            self.history.remember((Held(frame),))
 
     def listen(self) -> tuple[str, int]:
         host, port = super().listen()
@@ -2276,22 +3050,37 @@ class SharedChatServer(ChatServer):
         else:
             outbox.append((kind, list(buffers)))
 
-    def _relay_run(self, conn: Connection, data: bytes, run: int, stop: int) -> bool:
-        whole = super()._relay_run(conn, data, run, stop)
-        good = stop if whole else _utf8_frames_end(data, run, stop)
-        if good > run:
-            self._share(SHARED_CHAT, (memoryview(data)[run:good],))
-        return whole
+    def _may_relay(self, conn: Connection, size: int) -> bool:
+        """What this server publishes is bounded (--redis-rate): a burst of large
+        messages must not overflow what Redis holds for its subscribers, or
+        Redis cuts every server off the room."""
+        if not self.shared_up:
+            return True
+        bucket = self._publish
+        if size > bucket.burst:
+            self._tell(
+                conn,
+                "Not sent: too big to share with the room's other servers "
+                "(at most %d bytes at once)" % bucket.burst,
+            )
+            return False
+        if bucket.take(self._now, size):
+            return True
+        if self._now - conn.warned_at >= 1.0:
+            conn.warned_at = self._now
+            log("%s: not shared, over --redis-rate" % conn.name)
+            self._tell(conn, "Not sent: the shared room is busy; try again in a moment")
+        return False
 
-    def _relay_chat(self, frame: tuple[Buffer, ...], size: int, sender: Connection | None) -> None:
-        super()._relay_chat(frame, size, sender)
-        self._share(SHARED_CHAT, frame)
+    def _relayed(self, buffers: Sequence[Buffer]) -> None:
+        self._share(SHARED_CHAT, buffers)
 
     def _notice(
         self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
     ) -> None:
         frame = encode_frame(text.encode("utf-8"))
-        self._broadcast((frame,), sender, skip)
+        self._broadcast((Held(frame),), sender, skip)
+        self._publish.borrow(self._now, len(frame))  # counted, never refused
         self._share(SHARED_NOTICE, (frame,))
 
     def _online(self) -> int:
@@ -2375,13 +3164,13 @@ class SharedChatServer(ChatServer):
             split = data.index(b"\0", start)
             target = self.users.get(data[start:split].decode("utf-8", "replace"))
             if target is not None:
-                self._deliver(target, (data[split + 1 :],))
+                self._deliver(target, (Held(data[split + 1 :]),))
             return
         if self._joined:  # ours who joined this turn are announced first, as locally
             self._announce()
-        self._broadcast((memoryview(data)[start:],))
+        self._broadcast((Held(memoryview(data)[start:]),))
         if kind == SHARED_CHAT and self.history_size:
-            self._remember_run(data, start, len(data))
+            self.history.remember_run(data, start, len(data))
 
     def _room_down(self, why: str) -> None:
         if not self.shared_up:
@@ -2389,14 +3178,14 @@ class SharedChatServer(ChatServer):
         self.shared_up = False
         self._outbox = []
         log("Redis at %s lost (%s): the room is local until it is back" % (self.link.where, why))
-        self._broadcast((encode_frame(ROOM_DEGRADED.encode("utf-8")),))
+        self._broadcast((Held(encode_frame(ROOM_DEGRADED.encode("utf-8"))),))
 
     def _room_up(self) -> None:
         if self.shared_up:
             return
         self.shared_up = True
         log("Redis at %s is back: the room is shared again" % self.link.where)
-        self._broadcast((encode_frame(ROOM_BACK.encode("utf-8")),))
+        self._broadcast((Held(encode_frame(ROOM_BACK.encode("utf-8"))),))
         self.link.submit(self.link.reset)
         self._heartbeat(self._now)  # claims again the nicknames taken meanwhile
 
@@ -2412,8 +3201,9 @@ class SharedChatServer(ChatServer):
             self._tell(conn, ROOM_DEGRADED)
             return joined
         # Until Redis answers, what the client sends is held, not handled. The
-        # nickname alone (without name_as) lets frames past the handshake's size
-        # limit while the hot path still does not know the sender.
+        # nickname alone (without name_as) names it in the log, while the hot
+        # path still does not know the sender.
+        conn.state = CLAIMING
         conn.nick = nick
         conn.held = bytearray()
         conn.held_raw = bytearray()
@@ -2426,7 +3216,7 @@ class SharedChatServer(ChatServer):
 
     def _handle_frame(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         held = conn.held
-        if held is None:
+        if conn.state != CLAIMING or held is None:
             return super()._handle_frame(conn, data, start, stop)
         held += frame_header(stop - start)
         held += memoryview(data)[start:stop]
@@ -2434,6 +3224,7 @@ class SharedChatServer(ChatServer):
 
     def _held_within_limit(self, conn: Connection) -> bool:
         size = len(conn.held or b"") + len(conn.held_raw or b"")
+        self._hold_input(conn, size + len(conn.tail) + len(conn.large or b""))
         if size <= self.max_message + RECV_SIZE:
             return True
         self._reject(
@@ -2444,11 +3235,11 @@ class SharedChatServer(ChatServer):
         return False
 
     def _on_held_event(self, conn: Connection, mask: int) -> None:
-        if conn not in self.connections:  # closed earlier in this turn
+        if conn.state == CLOSED:  # closed earlier in this turn
             return
         if mask & selectors.EVENT_WRITE:
             self._send(conn)
-        if not mask & selectors.EVENT_READ or conn not in self.connections:
+        if not mask & selectors.EVENT_READ or conn.state == CLOSED:
             return
         try:
             if conn.large is not None:
@@ -2471,7 +3262,7 @@ class SharedChatServer(ChatServer):
         conn.held = conn.held_raw = None
         key = nick.casefold()
         granted = isinstance(result, int) and result > 0
-        if conn not in self.connections or conn.closing:
+        if conn.closing:
             if granted:
                 self._releases.append((key, member))
             return
@@ -2494,9 +3285,10 @@ class SharedChatServer(ChatServer):
         super()._join(conn, nick)
         replay = b"".join((held, conn.tail, raw))
         conn.tail = bytearray()
+        self._hold_input(conn, len(conn.large or b""))
         if replay:
             self._consume(conn, replay)
-        if conn in self.connections and conn.tls == TLS_ON:
+        if conn.state != CLOSED and conn.tls == TLS_ON:
             self._receive(conn)  # TLS may hold decrypted input that select() does not see
 
     def _leave_room(self, conn: Connection, why: str) -> None:
@@ -2581,7 +3373,7 @@ class SharedChatServer(ChatServer):
         if self.users.get(conn.nick_key) is not conn:
             return
         if isinstance(result, bytes):
-            self._deliver(conn, (result,))
+            self._deliver(conn, (Held(result),))
         elif result is None:
             self._tell(
                 conn,
@@ -3556,6 +4348,90 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %d)" % DEFAULT_MAX_PENDING,
     )
     server.add_argument(
+        "--max-memory",
+        type=_non_negative,
+        default=DEFAULT_MAX_MEMORY,
+        metavar="BYTES",
+        help="everything held for peers (queued output, unfinished input, the "
+        "history), all together; past it the connection holding the most is "
+        "cut off, 0 for no limit (default: %d)" % DEFAULT_MAX_MEMORY,
+    )
+    server.add_argument(
+        "--max-address-memory",
+        type=_non_negative,
+        default=None,
+        metavar="BYTES",
+        help="the same, for the connections of one address together, 0 for no "
+        "limit (default: --max-memory / %d, at least twice --max-queue)" % ADDRESS_MEMORY_SHARE,
+    )
+    server.add_argument(
+        "--byte-rate",
+        type=_non_negative_float,
+        default=None,
+        metavar="BYTES_PER_SECOND",
+        help="bytes a second one user may send, 0 for no limit (default: %d, "
+        "or 0 with --rate 0)" % DEFAULT_BYTE_RATE,
+    )
+    server.add_argument(
+        "--byte-burst",
+        type=_positive,
+        default=DEFAULT_BYTE_BURST,
+        metavar="BYTES",
+        help="bytes a user may send at once before --byte-rate applies, at least "
+        "one --max-message (default: %d)" % DEFAULT_BYTE_BURST,
+    )
+    server.add_argument(
+        "--address-rate",
+        type=_non_negative_float,
+        default=None,
+        metavar="MSGS_PER_SECOND",
+        help="messages a second from one address, all its users together, 0 for "
+        "no limit; its burst is %d times --burst (default: %d times --rate)"
+        % (ADDRESS_RATE_FACTOR, ADDRESS_RATE_FACTOR),
+    )
+    server.add_argument(
+        "--address-byte-rate",
+        type=_non_negative_float,
+        default=None,
+        metavar="BYTES_PER_SECOND",
+        help="bytes a second from one address, 0 for no limit; its burst is %d "
+        "times --byte-burst (default: %d times --byte-rate)"
+        % (ADDRESS_RATE_FACTOR, ADDRESS_RATE_FACTOR),
+    )
+    server.add_argument(
+        "--join-rate",
+        type=_non_negative_float,
+        default=DEFAULT_JOIN_RATE,
+        metavar="JOINS_PER_SECOND",
+        help="users a second that one address may bring into the room, 0 for no "
+        "limit (default: %g)" % DEFAULT_JOIN_RATE,
+    )
+    server.add_argument(
+        "--join-burst",
+        type=_positive,
+        default=DEFAULT_JOIN_BURST,
+        metavar="N",
+        help="users one address may bring in at once before --join-rate applies "
+        "(default: %d)" % DEFAULT_JOIN_BURST,
+    )
+    server.add_argument(
+        "--frame-timeout",
+        type=_non_negative_float,
+        default=DEFAULT_FRAME_TIMEOUT,
+        metavar="SECONDS",
+        help="a message that stops arriving for this long is dropped and its "
+        "memory freed, 0 for never (default: %g)" % DEFAULT_FRAME_TIMEOUT,
+    )
+    server.add_argument(
+        "--password-tries",
+        type=_positive,
+        default=DEFAULT_PASSWORD_TRIES,
+        metavar="N",
+        help="wrong passwords from one address before it is locked out; the "
+        "lockout starts at 1 s and doubles with every further wrong one, up to "
+        "%g s (default: %d)" % (PASSWORD_LOCKOUT_MAX, DEFAULT_PASSWORD_TRIES),
+    )
+    server.add_argument(
         "--tls-cert",
         metavar="FILE",
         help="serve TLS with this certificate (PEM; may hold the key too)",
@@ -3596,6 +4472,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --redis: how long the nicknames of a server that died stay "
         "taken (default: %g)" % DEFAULT_REDIS_TTL,
+    )
+    server.add_argument(
+        "--redis-rate",
+        type=_non_negative_float,
+        default=DEFAULT_REDIS_RATE,
+        metavar="BYTES_PER_SECOND",
+        help="with --redis: chat bytes a second this server shares with the room; "
+        "more is refused with a notice, so that no burst makes Redis cut the room "
+        "off (default: %d; 0: no rate, but at most %d bytes at once)"
+        % (DEFAULT_REDIS_RATE, REDIS_MAX_SHARE),
     )
 
     client = commands.add_parser(
@@ -3696,6 +4582,16 @@ def _run_server(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         password=password or None,
         history=args.history,
+        max_memory=args.max_memory,
+        max_address_memory=args.max_address_memory,
+        byte_rate=args.byte_rate,
+        byte_burst=args.byte_burst,
+        address_rate=args.address_rate,
+        address_byte_rate=args.address_byte_rate,
+        join_rate=args.join_rate,
+        join_burst=args.join_burst,
+        frame_timeout=args.frame_timeout,
+        password_tries=args.password_tries,
     )
     server = ChatServer(config)
     if args.redis:
@@ -3725,7 +4621,7 @@ def _connect_redis(args: argparse.Namespace, config: ServerConfig) -> SharedChat
     except (redis.RedisError, OSError, ValueError) as exc:
         log("cannot use Redis at %s: %s" % (link.where, _reason(exc)))
         return None
-    return SharedChatServer(config, link, history)
+    return SharedChatServer(config, link, history, args.redis_rate)
 
 
 def _ask_nick(where: str) -> str | None:

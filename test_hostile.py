@@ -1093,11 +1093,17 @@ def hostile_st(draw):
     return pieces, end
 
 
+# Hostile peers connect from here, honest users from 127.0.0.1.
+HOSTILE_ADDRESS = "127.0.0.2"
+
+
 def run_hostile(port, pieces, end, sent_all, stop, errors):
     """One hostile peer: send the pieces, then end as told; sent_all is set once
-    it has sent everything (or been cut off)."""
+    it has sent everything (or been cut off). It connects from an address of
+    its own, as an attacker on the network does: the limits of one address
+    (rates, joins, memory) are its own, not its neighbours'."""
     try:
-        peer = Peer(port)
+        peer = Peer(port, source=HOSTILE_ADDRESS)
     except OSError as exc:  # refused? the server must keep accepting
         errors.append(f"hostile could not connect: {exc!r}")
         sent_all.set()
@@ -1127,6 +1133,9 @@ def test_fuzz_hostile_peers_never_cost_honest_users_a_message(start_server, conn
     # can fill; the history is on (its default), so that it is fuzzed too.
     limits = "--max-message 200000 --max-pending 150000 --max-queue 67108864"
     limits += " --rate 20 --burst 30 --handshake-timeout 2 --history 50"
+    # Honest users, new ones for every example, all from 127.0.0.1, send far
+    # more together than one address may: that limit has tests of its own.
+    limits += " --address-rate 0"
     server = start_server(*limits.split())
     counter = itertools.count()
 

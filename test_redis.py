@@ -514,3 +514,51 @@ def test_what_comes_from_redis_is_checked_before_it_reaches_the_loop():
             sock.close()
     assert selchat.split_frames(good + good, 0) == [0, len(good), 2 * len(good)]
     assert selchat.split_frames(good + b"12", 0) is None
+
+
+# ---------------------------------------------------------------------------
+# What one server publishes is bounded (issue 12)
+# ---------------------------------------------------------------------------
+
+
+def test_a_burst_of_large_messages_never_cuts_the_room_off_redis(redis_url, start_server, join):
+    # With no per-user rate (--rate 0 turns the byte rate off too), one user
+    # sends 120 messages of 1 MB at once: more than Redis holds for a pub/sub
+    # subscriber (32 MB) before it cuts the subscriber off, which would cut
+    # every server off the room. --redis-rate refuses what is over it with a
+    # notice to the sender; the room stays shared and honest messages cross.
+    first = start_server(redis_url, "--rate", "0")
+    second = start_server(redis_url, "--rate", "0")
+    alice = join(first, "alice")
+    mallory = join(first, "mallory")
+    bob = join(second, "bob")
+    wait_service(alice, r"^bob joined the chat \(3 online\)")
+    size = (1 << 20) - 100  # a payload of about 1 MB, within --max-message
+    big = frame(chat_payload("M" * size, "mallory"))
+    mallory.send_raw(big * 120)
+    busy, _ = wait_service(mallory, r"^Not sent: the shared room is busy")
+    assert busy == "Not sent: the shared room is busy; try again in a moment"
+    for number in range(100):
+        alice.send_chat("honest %d" % number, nick="alice")
+    got = []
+    while len(got) < 100:
+        payload = bob.recv_frame()
+        assert DEGRADED.encode() not in payload
+        if b"\0" in payload:
+            _, nick, text = payload.decode("utf-8").split("\0")
+            if nick == "alice":
+                got.append(text)
+            else:
+                assert (nick, len(text)) == ("mallory", size)
+    assert got == ["honest %d" % n for n in range(100)]
+    assert " lost (" not in first.log + second.log  # the room was never degraded
+    # And a message over what may be published at once is refused, not sent.
+    huge = start_server(redis_url, "--rate", "0", "--max-message", str(16 << 20))
+    carol = join(huge, "carol")
+    carol.send_raw(frame(chat_payload("H" * (12 << 20), "carol")))
+    assert wait_service(carol, r"^Not sent: too big to share")[0] == (
+        "Not sent: too big to share with the room's other servers (at most %d bytes at once)"
+        % (8 << 20)
+    )
+    carol.send_chat("small", nick="carol")
+    assert next_chat(bob)[1:] == ("carol", "small")

@@ -1880,7 +1880,7 @@ def test_piped_client_keeps_under_the_servers_rate_so_nothing_is_dropped(
     assert bob.recv_service() == "alice joined the chat (2 online)"
     assert [bob.recv_chat()[2] for _ in range(12)] == ["line %d" % i for i in range(12)]
     assert b"Slow down" not in client.out
-    assert "over --rate" not in server.log
+    assert "told to slow down" not in server.log
 
 
 def test_a_large_frame_whose_header_came_in_pieces_is_read_whole(start_server, connect):
