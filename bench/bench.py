@@ -8,6 +8,11 @@ used for the optional chart.
 
 Servers (``--servers``):
   selchat   ../selchat.py server (the thing being measured)
+  selchat-before
+            another selchat.py given with --before FILE (e.g. the code before a
+            change), run exactly like selchat: same scenarios, same options
+            (only those its ``server --help`` lists), cases interleaved with
+            selchat's, so that both see the same machine
   selchat-nagle
             the same server run through bench/nagle.py, which leaves Nagle's
             algorithm on (selchat sets TCP_NODELAY): fan-out and latency only,
@@ -44,13 +49,29 @@ whichever process was running, mostly the sender of the data. "Other processes"
 should be near 0: anything else running on the machine distorts the figures.
 Every wait is bounded in time; nothing leaves 127.0.0.1.
 
+Options a selchat server gets: --max-message 64 MiB (8 with --quick), and
+where its ``server --help`` lists them --max-clients, --handshake-timeout 300,
+--rate 0 (which turns the byte rates off too), --join-rate 0 (every client
+joins from 127.0.0.1, and fan-out to 1000 and capacity bring in more than one
+--join-burst) and --max-address-memory 0 (every client shares 127.0.0.1's
+budget; --max-memory keeps its default). So no limit changes a figure.
+
+--rounds N runs every fan-out case N times, the servers taking turns, and
+shows the run with the median deliveries/s (and every run's figure); latency
+cases take turns between servers too, --repeat times each.
+
 BENCH_PROFILE=DIR runs every load generator process under cProfile and saves
 the statistics in DIR (to check that the generator is not the bottleneck).
+BENCH_SERVER_PROFILE=DIR runs every selchat server (not selchat-nagle) under
+cProfile, one file per case in DIR (SERVER-PID-N.prof): cProfile slows the
+server a lot, so compare the profiles, not the figures of such a run.
 
     python bench/bench.py                       # everything, ~8 minutes on 2 cores
     python bench/bench.py --quick               # smoke run, ~35 seconds
     python bench/bench.py --servers selchat,asyncio --scenarios fanout
     python bench/bench.py --chart bench.png --json results.json
+    python bench/bench.py --servers selchat,selchat-before --before OLD.py \
+        --scenarios fanout,latency --rounds 3     # a change against the code before it
 """
 
 import argparse
@@ -911,10 +932,18 @@ class Server:
 
     def command(self, max_clients):
         py = sys.executable
-        if self.name in ("selchat", "selchat-nagle"):
+        if self.name in SELCHATS:
+            path = self.opts.before if self.name == "selchat-before" else self.opts.selchat
             cmd = [py, os.path.join(HERE, "nagle.py")] if self.name == "selchat-nagle" else [py]
+            profile_dir = os.environ.get("BENCH_SERVER_PROFILE")
+            if profile_dir and self.name != "selchat-nagle":
+                os.makedirs(profile_dir, exist_ok=True)
+                out = os.path.join(
+                    profile_dir, "%s-%d-%d.prof" % (self.name, os.getpid(), next(_PROFILE_COUNT))
+                )
+                cmd += ["-m", "cProfile", "-o", out]
             cmd += [
-                self.opts.selchat,
+                path,
                 "server",
                 "--host",
                 HOST,
@@ -923,13 +952,17 @@ class Server:
                 "--max-message",
                 str(self.opts.max_message),
             ]
-            extra = selchat_options(self.opts.selchat)
+            extra = selchat_options(path)
             if "--max-clients" in extra:
                 cmd += ["--max-clients", str(max_clients)]
             if "--handshake-timeout" in extra:
                 cmd += ["--handshake-timeout", "300"]
             if "--rate" in extra:
-                cmd += ["--rate", "0"]
+                cmd += ["--rate", "0"]  # and with it --byte-rate and the address rates
+            if "--join-rate" in extra:
+                cmd += ["--join-rate", "0"]  # every client joins from 127.0.0.1
+            if "--max-address-memory" in extra:
+                cmd += ["--max-address-memory", "0"]  # the same: one address for all
             return cmd
         if self.name == "asyncio":
             return [
@@ -1025,6 +1058,10 @@ class Server:
 
 
 _SELCHAT_HELP = {}
+
+
+SELCHATS = ("selchat", "selchat-before", "selchat-nagle")
+_PROFILE_COUNT = iter(range(1, 1 << 30))
 
 
 def selchat_options(path):
@@ -1506,6 +1543,29 @@ def median_run(runs):
     return median
 
 
+def median_rate(runs):
+    """The fan-out run with the median deliveries/s among those that did not fail
+    (the lower middle one of an even count), with every run's rate (failed: nan)."""
+    done = sorted((r for r in runs if "rate" in r), key=lambda r: r["rate"])
+    median = dict(done[(len(done) - 1) // 2] if done else runs[-1])
+    if len(runs) > 1:
+        median["rate_runs"] = [r.get("rate", float("nan")) for r in runs]
+        median["cpu_runs"] = [cpu_per_delivery(r) for r in runs]
+    return median
+
+
+def cpu_per_delivery(r):
+    """Server CPU (user + system) in microseconds per delivery; nan for a failed run."""
+    if "delivered" not in r or not r["delivered"]:
+        return float("nan")
+    return (r["server_user"] + r["server_sys"]) * 1e6 / r["delivered"]
+
+
+def median_of(values):
+    done = sorted(x for x in values if x == x)
+    return done[(len(done) - 1) // 2] if done else float("nan")
+
+
 def cell(results, key, render):
     r = results.get(key)
     if r is None:
@@ -1530,6 +1590,12 @@ def build_rows(results, servers, sizes):
             continue
         rows.append(["fan-out %d senders -> %d receivers" % (ns, nr)] + [""] * len(servers))
         row("  deliveries/s", key, lambda r: fmt_rate(r["rate"]))
+        if any("rate_runs" in results[s].get(key, {}) for s in servers):
+            row(
+                "  deliveries/s of each round (median shown)",
+                key,
+                lambda r: " ".join(fmt_rate(x) if x == x else "FAILED" for x in r["rate_runs"]),
+            )
         row(
             "  lost/dup/reordered/bad",
             key,
@@ -1540,8 +1606,17 @@ def build_rows(results, servers, sizes):
         row(
             "  server CPU us/delivery",
             key,
-            lambda r: "%.2f" % ((r["server_user"] + r["server_sys"]) * 1e6 / r["delivered"]),
+            lambda r: "%.3f" % cpu_per_delivery(r),
         )
+        if any("cpu_runs" in results[s].get(key, {}) for s in servers):
+            row(
+                "  server CPU us/delivery of each round (median)",
+                key,
+                lambda r: (
+                    "%s (%.3f)"
+                    % (" ".join("%.3f" % x for x in r["cpu_runs"]), median_of(r["cpu_runs"]))
+                ),
+            )
         row(
             "  server CPU % (user+sys)",
             key,
@@ -1715,6 +1790,31 @@ def target_lines(results, sizes):
                 "latency %d/s: a never-reading client changes selchat's p99 by %+.0f%% "
                 "(target within 20%%): %s" % (rate, 100 * change, ok(abs(change) <= 0.2))
             )
+    before = results.get("selchat-before", {})
+    for key in ["fanout_%dx%d" % k for k in sizes["fanout"]]:
+        a, b = sel.get(key), before.get(key)
+        if a and b and "rate" in a and "rate" in b:
+            change = a["rate"] / b["rate"] - 1
+            lines.append(
+                "%s: selchat %s deliveries/s, selchat-before %s (%+.1f%%; target: within 10%%): %s"
+                % (key, fmt_rate(a["rate"]), fmt_rate(b["rate"]), 100 * change, ok(change >= -0.1))
+            )
+            ca = median_of(a.get("cpu_runs", [cpu_per_delivery(a)]))
+            cb = median_of(b.get("cpu_runs", [cpu_per_delivery(b)]))
+            if ca == ca and cb == cb and cb:
+                lines.append(
+                    "%s: server CPU per delivery (median of rounds) selchat %.3f us, "
+                    "selchat-before %.3f us (%+.1f%%)" % (key, ca, cb, 100 * (ca / cb - 1))
+                )
+    for rate, _nr in sizes["latency"]:
+        for suffix in ("", "_stalled"):
+            key = "latency_%d%s" % (rate, suffix)
+            a, b = sel.get(key), before.get(key)
+            if a and b and "p99" in a and "p99" in b:
+                lines.append(
+                    "%s: p50/p99 %s/%s ms selchat, %s/%s ms selchat-before"
+                    % (key, fmt_ms(a["p50"]), fmt_ms(a["p99"]), fmt_ms(b["p50"]), fmt_ms(b["p99"]))
+                )
     nagle = results.get("selchat-nagle", {})
     for key in ["fanout_%dx%d" % k for k in sizes["fanout"]]:
         a, b = sel.get(key), nagle.get(key)
@@ -1843,6 +1943,17 @@ def main():
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--selchat", default=os.path.join(HERE, os.pardir, "selchat.py"))
     parser.add_argument(
+        "--before",
+        metavar="FILE",
+        help="the selchat.py that server selchat-before runs (e.g. the code before a change)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each fan-out case, servers taking turns; the median is shown (default 1)",
+    )
+    parser.add_argument(
         "--procs",
         type=int,
         default=4,
@@ -1880,6 +1991,8 @@ def main():
     opts = parser.parse_args()
     opts_cap_timeout = opts.capacity_timeout
     opts.selchat = os.path.abspath(opts.selchat)
+    opts.before = os.path.abspath(opts.before) if opts.before else None
+    opts.rounds = max(1, opts.rounds)
     if opts.duration is None:
         opts.duration = 1.0 if opts.quick else 5.0
     if opts.repeat is None:
@@ -1920,11 +2033,14 @@ def main():
         if name == "ncat" and shutil.which("ncat") is None:
             note("ncat is not installed: skipped (apt-get install ncat)")
             continue
-        if name.startswith("selchat") and not os.path.exists(opts.selchat):
-            note("%s not found: %s skipped" % (opts.selchat, name))
-            continue
-        if name not in ("selchat", "selchat-nagle", "asyncio", "ncat"):
+        if name not in (*SELCHATS, "asyncio", "ncat"):
             parser.error("unknown server %r" % name)
+        if name == "selchat-before" and not opts.before:
+            parser.error("server selchat-before needs --before FILE")
+        path = opts.before if name == "selchat-before" else opts.selchat
+        if name in SELCHATS and not os.path.exists(path):
+            note("%s not found: %s skipped" % (path, name))
+            continue
         servers.append(name)
     scenarios = [s.strip() for s in opts.scenarios.split(",")]
     for s in scenarios:
@@ -1990,28 +2106,40 @@ def main():
             )
         )
         note(
-            "  %-8s %-22s %5.1fs (stop %.1fs)  %s"
+            "  %-14s %-22s %5.1fs (stop %.1fs)  %s"
             % (name, key, time.monotonic() - t, getattr(server, "stop_time", 0), summary)
         )
 
     for scenario in scenarios:
-        for name in servers:
-            if scenario == "fanout":
-                for ns, nr in sizes["fanout"]:
-                    record(name, "fanout_%dx%d" % (ns, nr), scenario_fanout, ns, nr)
-            elif scenario == "latency":
-                for rate, nr in sizes["latency"]:
-                    # Alternated, so that whatever else the machine does falls
-                    # on both cases alike; the median run of each is kept.
-                    keys = ["latency_%d%s" % (rate, s) for s in ("", "_stalled")]
-                    runs = {key: [] for key in keys}
-                    for _ in range(opts.repeat):
+        # Fan-out and latency cases take turns between the servers (and, for
+        # latency, between without and with the never-reading client), so that
+        # whatever else the machine does falls on all of them alike; the median
+        # run of each is kept.
+        if scenario == "fanout":
+            for ns, nr in sizes["fanout"]:
+                key = "fanout_%dx%d" % (ns, nr)
+                runs = {name: [] for name in servers}
+                for _ in range(opts.rounds):
+                    for name in servers:
+                        record(name, key, scenario_fanout, ns, nr)
+                        runs[name].append(results[name][key])
+                for name in servers:
+                    results[name][key] = median_rate(runs[name])
+            continue
+        if scenario == "latency":
+            for rate, nr in sizes["latency"]:
+                keys = ["latency_%d%s" % (rate, s) for s in ("", "_stalled")]
+                runs = {(name, key): [] for name in servers for key in keys}
+                for _ in range(opts.repeat):
+                    for name in servers:
                         for key, stalled in zip(keys, (False, True)):
                             record(name, key, scenario_latency, rate, nr, stalled)
-                            runs[key].append(results[name][key])
-                    for key in keys:
-                        results[name][key] = median_run(runs[key])
-            elif name == "ncat":
+                            runs[name, key].append(results[name][key])
+                for (name, key), done in runs.items():
+                    results[name][key] = median_run(done)
+            continue
+        for name in servers:
+            if name == "ncat":
                 continue  # a line protocol without nicknames or framing
             elif name == "selchat-nagle":
                 continue  # Nagle only matters to small writes: fan-out and latency
@@ -2052,7 +2180,7 @@ def main():
     if lines:
         print()
         print(
-            "targets (selchat against the asyncio reference, same run%s):"
+            "targets (selchat against the asyncio reference, ncat or selchat-before, same run%s):"
             % ("; quick sizes, not the issue's" if opts.quick else "")
         )
         for line in lines:
