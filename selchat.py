@@ -62,6 +62,7 @@ used (which follows ``TZ``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import codecs
 import collections
 import datetime as dt
@@ -166,6 +167,18 @@ LOG_HELD = 10000  # log lines held while stderr takes nothing (pipe unread, Ctrl
 # Join and leave notices are coalesced per turn of the event loop; at most this
 # many names are spelled out in one notice.
 NOTICE_NAMES = 10
+# Up to this many online, every join and leave is told at once. In a larger
+# room they are gathered over a window of online / NOTICE_USERS_PER_SECOND
+# seconds (5 s at most: 0.5 s for 1,000 users, 5 s for 10,000), and a notice
+# names only the first NOTICE_NAMES_LARGE: a join storm costs a few notices
+# to everyone, not one per join.
+NOTICE_ROOM = 100
+NOTICE_USERS_PER_SECOND = 2000.0
+NOTICE_WINDOW_MAX = 5.0
+NOTICE_NAMES_LARGE = 3
+# /who in a room larger than this lists the first WHO_NAMES (by name) and how
+# many more; /who PREFIX lists those whose nickname starts with PREFIX.
+WHO_NAMES = 100
 # Private messages and actions travel as chat messages whose nick field holds a
 # space ("[private] alice -> bob", "* alice"): no registered nickname can, so
 # nobody can forge one with an ordinary message, and a seed client shows them
@@ -1130,6 +1143,7 @@ class ChatServer:
         self._closing: dict[Connection, None] = {}
         self.users: dict[str, Connection] = {}  # casefolded nickname -> connection
         self.skeletons: dict[str, Connection] = {}  # nick_skeleton() -> connection
+        self._who_snapshot: list[Connection] | None = None  # users by name, for /who
         # Budgets: the whole server's, and one per address (with its rates).
         self.memory = Budget(config.max_memory)
         self.accounts: dict[str, Account] = {}
@@ -1151,6 +1165,7 @@ class ChatServer:
         # one of them (else -1). _announce() tells each user what it missed.
         self._joined: dict[Connection, int] = {}
         self._left: list[tuple[str, int, int]] = []
+        self._notices_due = 0.0  # when the gathered joins and leaves are told
         self._stopping = False
         self._accept_paused_until = 0.0
         self._next_housekeeping = 0.0
@@ -1812,6 +1827,7 @@ class ChatServer:
             skeleton = nick_skeleton(conn.nick)
             if self.skeletons.get(skeleton) is conn:
                 del self.skeletons[skeleton]
+        self._who_snapshot = None
         if nick is not None:
             conn.name_as(nick)
             self.users[conn.nick_key] = conn
@@ -1843,6 +1859,7 @@ class ChatServer:
         )
         conn.joined = time.monotonic()
         self._replay_history(conn)
+        self._gather()
         self._joined[conn] = len(self._joined)
         log("%s joined as %s" % (conn.address, nick))
         return True
@@ -1967,20 +1984,27 @@ class ChatServer:
         )
 
     def _cmd_who(self, conn: Connection, line: str) -> None:
-        """/who: who is online, and since when"""
-        if not self._charge_command(conn, len(self.users) // WHO_USERS_PER_TOKEN):
+        """/who [NAME]: who is online and since when (NAME: whose nickname starts with it)"""
+        listed = min(self._online(), WHO_NAMES)
+        if not self._charge_command(conn, listed // WHO_USERS_PER_TOKEN):
             return
+        parts = line.split(None, 1)
+        self._who(conn, parts[1].strip() if len(parts) > 1 else "")
+
+    def _who(self, conn: Connection, prefix: str) -> None:
+        """Answer /who from a snapshot of the users sorted by name, taken at most
+        once for every change of who is online: in a large room the first names
+        and how many more, so no /who stalls the loop."""
+        users = self._who_snapshot
+        if users is None:
+            users = self._who_snapshot = sorted(self.users.values(), key=lambda u: u.nick_key)
         now = time.monotonic()
-        users = sorted(self.users.values(), key=lambda user: user.nick_key)
         self._tell(
             conn,
-            "%s online: %s"
-            % (
-                plural(len(users), "user"),
-                ", ".join(
-                    "%s (joined %s ago)" % (user.nick, duration(now - user.joined))
-                    for user in users
-                ),
+            _who_text(
+                [user.nick_key for user in users],
+                lambda i: "%s (joined %s ago)" % (users[i].nick, duration(now - users[i].joined)),
+                prefix,
             ),
         )
 
@@ -2090,8 +2114,8 @@ class ChatServer:
         skip: set[Connection] | None = None,
     ) -> None:
         """Queue the same buffers for every user but the sender: encoded once, shared."""
-        if self._joined:  # whoever joined this turn is announced before they speak
-            self._announce()
+        if self._joined and self._now >= self._notices_due:
+            self._announce()  # in a small room, whoever joined is announced before they speak
         size = 0
         for held in helds:
             size += held.size
@@ -2190,7 +2214,7 @@ class ChatServer:
             for conn in overflowed:
                 if not conn.closing:
                     self._drop_slow_reader(conn)
-        if self._joined or self._left:
+        if self._notices_owed():
             self._announce()
         if self._dirty:
             # Optimistic sending: most sockets take everything at once, and
@@ -2260,11 +2284,12 @@ class ChatServer:
         joined, self._joined = self._joined, {}
         left, self._left = self._left, []
         online = self._online()
+        limit = NOTICE_NAMES if online <= NOTICE_ROOM else NOTICE_NAMES_LARGE
         present = [c for c in joined if not c.closing and self.users.get(c.nick_key) is c]
 
         def joined_after(place: int) -> str:  # the newcomers after present[place]
-            first = present[place + 1 : place + 2 + NOTICE_NAMES]
-            names = _names([c.nick or "" for c in first], len(present) - place - 1)
+            first = present[place + 1 : place + 2 + limit]
+            names = _names([c.nick or "" for c in first], len(present) - place - 1, limit)
             return "%s joined the chat (%d online)" % (names, online)
 
         newcomers = set(present)
@@ -2272,14 +2297,38 @@ class ChatServer:
             self._notice(joined_after(-1), skip=newcomers)
         gone = [nick for nick, _, own in left if own < 0]
         if gone:
-            self._notice("%s left the chat (%d online)" % (_names(gone), online), skip=newcomers)
+            self._notice(
+                "%s left the chat (%d online)" % (_names(gone, 0, limit), online), skip=newcomers
+            )
+        # Leaves in order of the joins before them: a newcomer missed those after it.
+        after = [at for _, at, _ in left]
         for place, conn in enumerate(present):
             if place + 1 < len(present):
                 self._tell_room(conn, joined_after(place))
             index = joined[conn]
-            missed = [nick for nick, at, own in left if at > index and own < index]
+            missed = [
+                nick for nick, _, own in left[bisect.bisect_right(after, index) :] if own < index
+            ]
             if missed:
-                self._tell_room(conn, "%s left the chat (%d online)" % (_names(missed), online))
+                self._tell_room(
+                    conn, "%s left the chat (%d online)" % (_names(missed, 0, limit), online)
+                )
+
+    def _gather(self) -> None:
+        """A join or leave is about to be gathered: the first of a batch sets when
+        the batch is told (at once in a small room, later in a large one)."""
+        if not self._joined and not self._left:
+            online = self._online()
+            window = (
+                0.0
+                if online <= NOTICE_ROOM
+                else min(NOTICE_WINDOW_MAX, online / NOTICE_USERS_PER_SECOND)
+            )
+            self._notices_due = self._now + window
+
+    def _notices_owed(self) -> bool:
+        """Whether the gathered joins and leaves are to be told now."""
+        return bool(self._joined or self._left) and self._now >= self._notices_due
 
     def _notice(
         self, text: str, sender: Connection | None = None, skip: set[Connection] | None = None
@@ -2375,6 +2424,7 @@ class ChatServer:
     def _leave_room(self, conn: Connection, why: str) -> None:
         if conn.nick is not None and self.users.get(conn.nick_key) is conn:
             self._name(conn, None)
+            self._gather()
             self._left.append((conn.nick, len(self._joined), self._joined.get(conn, -1)))
         log("%s disconnected: %s" % (conn.name, why))
 
@@ -2562,12 +2612,38 @@ def _amount(messages: float, nbytes: float) -> str:
     return " or ".join(parts) or "any amount"
 
 
-def _names(names: list[str], total: int = 0) -> str:
-    """``a, b and c``; past NOTICE_NAMES of ``total`` (default: all of ``names``),
+def _who_text(keys: list[str], describe: Callable[[int], str], prefix: str) -> str:
+    """The answer to /who: ``keys`` are the casefolded nicknames in order,
+    ``describe(i)`` the entry of the i-th. At most WHO_NAMES are described:
+    the first ones, or the first whose nickname starts with ``prefix``."""
+    total = len(keys)
+    if prefix:
+        folded = prefix.casefold()
+        start = stop = bisect.bisect_left(keys, folded)
+        while stop < total and keys[stop].startswith(folded):
+            stop += 1
+        head = "%s online whose nickname starts with %s" % (
+            plural(stop - start, "user"),
+            sanitize(prefix[:MAX_NICK_LENGTH]),
+        )
+    else:
+        start, stop = 0, total
+        head = "%s online" % plural(total, "user")
+    shown = range(start, min(stop, start + WHO_NAMES))
+    text = "%s: %s" % (head, ", ".join(describe(i) for i in shown)) if shown else head
+    if stop - start > len(shown):
+        text += ", and %d more (/who NAME lists those whose nickname starts with NAME)" % (
+            stop - start - len(shown)
+        )
+    return text
+
+
+def _names(names: list[str], total: int = 0, limit: int = NOTICE_NAMES) -> str:
+    """``a, b and c``; past ``limit`` of ``total`` (default: all of ``names``),
     the first ones and how many others."""
     total = max(total, len(names))
-    if total > NOTICE_NAMES:
-        return "%s and %d others" % (", ".join(names[:NOTICE_NAMES]), total - NOTICE_NAMES)
+    if total > limit:
+        return "%s and %d others" % (", ".join(names[:limit]), total - limit)
     if len(names) == 1:
         return names[0]
     return "%s and %s" % (", ".join(names[:-1]), names[-1])
@@ -3166,8 +3242,8 @@ class SharedChatServer(ChatServer):
             if target is not None:
                 self._deliver(target, (Held(data[split + 1 :]),))
             return
-        if self._joined:  # ours who joined this turn are announced first, as locally
-            self._announce()
+        if self._joined and self._now >= self._notices_due:
+            self._announce()  # ours who joined are announced first, as locally
         self._broadcast((Held(memoryview(data)[start:]),))
         if kind == SHARED_CHAT and self.history_size:
             self.history.remember_run(data, start, len(data))
@@ -3327,19 +3403,19 @@ class SharedChatServer(ChatServer):
 
     # -- commands that ask Redis -------------------------------------------
 
-    def _cmd_who(self, conn: Connection, line: str) -> None:
-        """/who: who is online, on which server, and since when"""
+    def _who(self, conn: Connection, prefix: str) -> None:
+        """/who lists the users of every server, with theirs."""
         if not self.shared_up:
-            ChatServer._cmd_who(self, conn, line)
+            super()._who(conn, prefix)
             self._tell(conn, "(The shared room is degraded: only this server's users are listed)")
             return
-        self.link.submit(self.link.who, functools.partial(self._who_done, conn, line))
+        self.link.submit(self.link.who, functools.partial(self._who_done, conn, prefix))
 
-    def _who_done(self, conn: Connection, line: str, result: Any) -> None:
+    def _who_done(self, conn: Connection, prefix: str, result: Any) -> None:
         if self.users.get(conn.nick_key) is not conn:
             return
         if isinstance(result, BaseException):
-            ChatServer._cmd_who(self, conn, line)
+            super()._who(conn, prefix)
             return
         now = time.time()
         users = []
@@ -3350,13 +3426,12 @@ class SharedChatServer(ChatServer):
         users.sort()
         self._tell(
             conn,
-            "%s online: %s"
-            % (
-                plural(len(users), "user"),
-                ", ".join(
-                    "%s (on %s, joined %s ago)" % (nick, server, duration(ago))
-                    for _, nick, server, ago in users
+            _who_text(
+                [user[0] for user in users],
+                lambda i: (
+                    "%s (on %s, joined %s ago)" % (users[i][1], users[i][2], duration(users[i][3]))
                 ),
+                prefix,
             ),
         )
 
@@ -3384,7 +3459,6 @@ class SharedChatServer(ChatServer):
 
     COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
         **ChatServer.COMMANDS,
-        "/who": _cmd_who,  # type: ignore[dict-item]
         "/msg": _cmd_msg,  # type: ignore[dict-item]
     }
 

@@ -735,6 +735,84 @@ def test_a_burst_of_joins_and_leaves_ends_with_every_count_right(server, connect
     assert_everyone_knows_the_room(views, server.log)
 
 
+# ---------------------------------------------------------------------------
+# Join storms: notices gathered over a window in a large room (issue 14)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def windowed(monkeypatch):
+    """A server in a thread of this process whose rooms count as large from
+    three users on, with a window of 1.5 s for three (online / 2 seconds)."""
+    monkeypatch.setattr(selchat, "NOTICE_ROOM", 2)
+    monkeypatch.setattr(selchat, "NOTICE_USERS_PER_SECOND", 2.0)
+    server = selchat.ChatServer(selchat.ServerConfig(host="127.0.0.1", port=0))
+    _, port = server.listen()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield port
+    server.stop()
+    thread.join(TIMEOUT)
+
+
+def test_in_a_large_room_a_newcomer_is_not_held_up_and_its_join_is_told_with_the_next(
+    windowed, connect
+):
+    alice = connect(windowed, "alice", online=1)
+    bob = connect(windowed, "bob", online=2)
+    assert alice.recv_service() == "bob joined the chat (2 online)"  # small: at once
+    carol = connect(windowed, "carol", online=3)  # welcome and history at once
+    carol.send_chat("hi all", nick="carol")
+    # Carol's first words are not held up by the window; her join is.
+    for user in (alice, bob):
+        assert user.recv_frame().split(b"\0")[1:] == [b"carol", b"hi all"]
+    dave = connect(windowed, "dave", online=4)
+    assert alice.recv_service() == "carol and dave joined the chat (4 online)"
+    assert bob.recv_service() == "carol and dave joined the chat (4 online)"
+    assert carol.recv_service() == "dave joined the chat (4 online)"
+    dave.close()
+    assert carol.recv_service() == "dave left the chat (3 online)"
+    assert alice.recv_service() == "dave left the chat (3 online)"
+
+
+def test_in_a_room_past_a_hundred_joins_one_by_one_are_gathered_and_counts_end_right(
+    start_server, connect
+):
+    server = start_server("--history", "0")
+    peers, counts = [], []
+    for index in range(130):  # one by one: each waits for its welcome
+        peer = connect(server.port)
+        counts.append(int(WELCOME_COUNT.match(peer.register("u%03d" % index)).group(1)))
+        peers.append(peer)
+    first = peers[0]
+    # Every user ends with the right count, and the first heard of the last
+    # 29 joins (past NOTICE_ROOM) in far fewer than 29 notices.
+    notices = {}
+    for index, peer in enumerate(peers):
+        count, told = counts[index], []
+        while count != 130:
+            text = peer.recv_service()
+            who, event, online = ROOM_NOTICE.fullmatch(text).groups()
+            assert event == "joined" and who.count(", ") <= 2  # a few names at most
+            count = int(online)
+            told.append(text)
+        notices[index] = told
+    past = [t for t in notices[0] if int(ROOM_NOTICE.fullmatch(t).group(3)) > 100]
+    assert 1 <= len(past) <= 15, past
+    # /who in a large room: the first names and how many more, or by prefix.
+    first.send_frame("/who")
+    answer = first.recv_service()
+    assert answer.startswith("130 users online: u000 (joined ")
+    assert answer.endswith(", and 30 more (/who NAME lists those whose nickname starts with NAME)")
+    assert answer.count(" (joined ") == 100
+    first.send_frame("/who U12")
+    answer = first.recv_service()
+    assert answer.startswith("10 users online whose nickname starts with U12: u120 (joined ")
+    assert answer.count(" (joined ") == 10
+    first.send_frame("/who zz")
+    assert first.recv_service() == "0 users online whose nickname starts with zz"
+
+
 def test_server_stamps_registered_nick_on_relayed_messages(server, connect):
     alice = connect(server.port, "alice", online=1)
     bob = connect(server.port, "bob", online=2)
