@@ -70,6 +70,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 import random
@@ -127,6 +128,8 @@ DEFAULT_JOIN_RATE = 10.0
 DEFAULT_JOIN_BURST = 1000
 # A frame that has not moved on for this long is dropped and its memory freed.
 DEFAULT_FRAME_TIMEOUT = 30.0
+# ... and one must come in within the timeout plus its size at this rate.
+MIN_FRAME_RATE = 16 << 10
 # Wrong passwords from one address before it is locked out; each further one
 # doubles the lockout, from 1 s up to PASSWORD_LOCKOUT_MAX.
 DEFAULT_PASSWORD_TRIES = 10
@@ -151,6 +154,7 @@ CLOSE_GRACE = 2.0
 # One recv() this large drains a busy socket in few calls and holds many frames
 # that are then relayed together.
 RECV_SIZE = 256 * 1024
+TLS_JOIN = 64 * 1024
 # Frames announced larger than this are read with recv_into() a buffer of their
 # own size instead of being assembled from pieces.
 LARGE_FRAME = 64 * 1024
@@ -510,9 +514,25 @@ _LOOKALIKES = str.maketrans(
 )
 
 
+# Capitals that look like Latin capitals but casefold to letters that do not
+# (Greek eta to "n", mu to "u"...), and Latin letters the table misses.
+_LOOKALIKE_CAPITALS = str.maketrans(
+    {
+        "\u0391": "A", "\u0392": "B", "\u0395": "E", "\u0396": "Z", "\u0397": "H",
+        "\u0399": "I", "\u039a": "K", "\u039c": "M", "\u039d": "N", "\u039f": "O",
+        "\u03a1": "P", "\u03a4": "T", "\u03a5": "Y", "\u03a7": "X",
+        "\u0410": "A", "\u0412": "B", "\u0415": "E", "\u041a": "K", "\u041c": "M",
+        "\u041d": "H", "\u041e": "O", "\u0420": "P", "\u0421": "C", "\u0422": "T",
+        "\u0423": "Y", "\u0425": "X", "\u0405": "S", "\u0406": "I", "\u0408": "J",
+        "\u0131": "i", "\u0251": "a", "\u0261": "g", "\u026a": "i",
+    }
+)  # fmt: skip
+
+
 def nick_skeleton(nick: str) -> str:
     """What ``nick`` looks like: two nicknames with one skeleton are confusable."""
-    folded = unicodedata.normalize("NFKC", nick).casefold()
+    shaped = unicodedata.normalize("NFKC", nick).translate(_LOOKALIKE_CAPITALS)
+    folded = shaped.casefold()
     folded = "".join(
         c for c in unicodedata.normalize("NFD", folded) if not "\u0300" <= c <= "\u036f"
     )
@@ -725,6 +745,7 @@ class Account(Budget):
     __slots__ = (
         "bytes",
         "conns",
+        "failed_at",
         "failures",
         "host",
         "joins",
@@ -741,6 +762,7 @@ class Account(Budget):
         self.bytes = TokenBucket(config.address_byte_rate, config.address_byte_burst, now)
         self.joins = TokenBucket(config.join_rate, config.join_burst, now)
         self.failures = 0  # wrong passwords in a row
+        self.failed_at = 0.0  # when the last one came
         self.locked_until = 0.0
         self.refused = 0  # passwords refused unchecked in the lockout, not yet logged
 
@@ -748,6 +770,8 @@ class Account(Budget):
         return (
             not self.conns
             and now >= self.locked_until
+            # wrong passwords are remembered long enough for the lockout to grow
+            and (not self.failures or now >= self.failed_at + PASSWORD_LOCKOUT_MAX)
             and self.messages.full(now)
             and self.bytes.full(now)
             and self.joins.full(now)
@@ -1011,6 +1035,7 @@ class Connection:
         "host",
         "input_held",
         "input_since",
+        "input_started",
         "joined",
         "large",
         "large_got",
@@ -1049,6 +1074,7 @@ class Connection:
         self.out = OutputQueue(account, memory)  # everything it will be sent, in order
         self.input_held = 0  # bytes of unfinished input held (tail or large frame)
         self.input_since = 0.0  # when that input last moved on
+        self.input_started = 0.0  # when the frame it belongs to began
         self.writing = False  # EVENT_WRITE registered
         self.dirty = False  # has output to try at the end of this turn
         self.state = NAMING
@@ -1315,7 +1341,8 @@ class ChatServer:
         per_address = config.max_per_address
         if per_address is None and not _is_loopback(host):
             per_address = DEFAULT_MAX_PER_ADDRESS
-        account = self.accounts.get(host)
+        key = _address_key(host)
+        account = self.accounts.get(key)
         if per_address and account is not None and len(account.conns) >= per_address:
             log("refused %s: %d connections from that address" % (address, per_address))
             _send_and_close(
@@ -1333,8 +1360,8 @@ class ChatServer:
         except OSError:
             pass
         if account is None:
-            account = Account(host, config.max_address_memory, config, self._now)
-            self.accounts[host] = account
+            account = Account(key, config.max_address_memory, config, self._now)
+            self.accounts[key] = account
         conn = Connection(sock, account, self.memory, address, self._now + config.handshake_timeout)
         conn.handler = functools.partial(self._on_client_event, conn)
         if self.tls_context is not None:
@@ -1591,6 +1618,8 @@ class ChatServer:
         """Charge ``size`` bytes of unfinished input to conn, its address and the server."""
         change = size - conn.input_held
         if change:
+            if not conn.input_held:
+                conn.input_started = self._now
             conn.input_held = size
             account = conn.account
             account.held += change
@@ -1653,36 +1682,54 @@ class ChatServer:
         --max-pending, _start_large refuses the new frame for a while: the
         frames arriving complete or time out.)
         """
-        levels: list[tuple[str, Callable[[], bool], Callable[[], Any]]] = [
-            (
-                "your address holds too much of the server's memory",
-                lambda: 0 < conn.account.limit < conn.account.held + size,
-                lambda: conn.account.conns,
-            ),
-            (
-                "the server is short of memory",
-                lambda: 0 < self.memory.limit < self.memory.held + size,
-                lambda: self.connections,
-            ),
-        ]
-        wanted = conn.charge + size
-        for refusal, full, pool in levels:
-            if not full():
-                continue
-            # The biggest first; of equals, the one whose input stalled longest.
-            holders = sorted(
-                (c for c in pool() if c is not conn and not c.closing),
-                key=lambda c: (-c.charge, c.input_since),
+        account, memory = conn.account, self.memory
+        wanted = self._frees(conn) + size
+        levels: list[tuple[str, int, Any]] = []
+        if 0 < account.limit < account.held + size:
+            excess = self._address_holds(account) + size - account.limit
+            levels.append(("your address holds too much of the server's memory", excess, account))
+        if 0 < memory.limit < memory.held + size:
+            levels.append(
+                ("the server is short of memory", memory.held + size - memory.limit, memory)
             )
-            for victim in holders:
-                if victim.charge < wanted:
+        for refusal, excess, budget in levels:
+            if budget is memory:
+                excess = memory.held + size - memory.limit  # cuts at the first level count
+            pool = self.connections if budget is memory else account.conns
+            # The one that frees the most first; of equals, the one whose input
+            # stalled longest.
+            holders = sorted(
+                ((self._frees(c), c) for c in pool if c is not conn and not c.closing),
+                key=lambda pair: (-pair[0], pair[1].input_since),
+            )
+            for frees, victim in holders:
+                if excess <= 0:
+                    break
+                if frees < wanted:
                     return refusal
                 self._cut(victim, refusal + ", and you held the most", "over a memory budget")
-                if not full():
-                    break
-            else:
+                excess -= frees
+            if excess > 0:
                 return refusal
         return None
+
+    def _address_holds(self, account: Account) -> int:
+        """What the connections of an address really keep alive: a buffer that
+        several of them have queued (a broadcast, the history) counts once."""
+        seen: set[int] = set()
+        total = 0
+        for conn in account.conns:
+            total += conn.input_held
+            for held in conn.out.entries:
+                if id(held) not in seen:
+                    seen.add(id(held))
+                    total += held.size
+        return total
+
+    @staticmethod
+    def _frees(conn: Connection) -> int:
+        """What cutting conn would free: its input, and what no other queue holds."""
+        return conn.input_held + sum(held.size for held in conn.out.entries if held.refs == 1)
 
     def _receive_large(self, conn: Connection) -> None:
         large = conn.large
@@ -1883,6 +1930,7 @@ class ChatServer:
         assert self.password_digest is not None and conn.asked_nick is not None
         if not hmac.compare_digest(digest, self.password_digest):
             account.failures += 1
+            account.failed_at = now
             tries = self.config.password_tries
             if account.failures < tries:
                 self._reject(conn, "Wrong password", "wrong password")
@@ -2047,10 +2095,21 @@ class ChatServer:
         if reason is not None:
             self._tell(conn, "Nickname not changed: %s" % reason.replace("'", '"'))
             return
+        joins = conn.account.joins  # a new name is told to everyone, as a join is
+        if not joins.take(self._now):
+            self._tell(
+                conn,
+                "Nickname not changed: too many new names from your address; "
+                "try again in %d s" % (joins.wait(self._now) + 1),
+            )
+            return
         self._rename(conn, old, new)
 
     def _rename(self, conn: Connection, old: str, new: str) -> None:
+        rates = self.user_rates.pop(conn.nick_key, None)
         self._name(conn, new)
+        if rates is not None:  # the rates go with the user, not with the name
+            self.user_rates[conn.nick_key] = rates
         self._tell(conn, RENAMED + new)
         if conn not in self._joined:  # otherwise the join notice names the new nickname
             self._notice("%s is now known as %s" % (old, new), conn)
@@ -2087,8 +2146,10 @@ class ChatServer:
     def _queue(self, conn: Connection, helds: Sequence[Held]) -> None:
         """Queue output for one connection: the one way to it besides _broadcast.
 
-        Past --max-queue the connection is cut at once (one message, however
-        large, may always wait alone), so that no reply it asks for can pile up.
+        Past --max-queue the queue is offered to the socket at once, and the
+        connection cut if it is still past it (one message, however large, may
+        always wait alone): no reply it asks for can pile up, and a reader
+        that keeps up is never cut for what one turn brought.
         """
         out = conn.out
         if not out and not conn.dirty:
@@ -2098,14 +2159,22 @@ class ChatServer:
             out.push(held)
         if conn.closing:  # its last words: what it was owed is gone already
             return
-        if out.size > self.max_queue and len(out) > len(helds):
-            self._drop_slow_reader(conn)
+        if self._over_queue(conn, len(helds)):
+            if conn.tls in (TLS_NONE, TLS_ON):
+                self._send(conn)  # a reader that keeps up takes it now
+            if conn.state < CLOSING and self._over_queue(conn, len(helds)):
+                self._drop_slow_reader(conn)
         elif out.account.over():
             self._over.add(out.account)
         if self.memory.over():
             self._over.add(self.memory)
 
     _deliver = _queue  # a message from another user: the same limits
+
+    def _over_queue(self, conn: Connection, last: int) -> bool:
+        """Past --max-queue with more than the ``last`` buffers queued (one
+        message, however large, may always wait alone)."""
+        return conn.out.size > self.max_queue and len(conn.out) > last
 
     def _broadcast(
         self,
@@ -2193,13 +2262,15 @@ class ChatServer:
         # bytes, so the chunk is kept until it has gone.
         chunk = conn.tls_chunk
         if chunk is None:
-            parts = []
+            # Small buffers are joined into a copy of at most TLS_JOIN bytes
+            # (what a write may hold on to, uncharged); a large one goes alone.
+            parts: list[Buffer] = []
             size = 0
             for buffer in conn.out.buffers(IOV_MAX):
+                if parts and size + len(buffer) > TLS_JOIN:
+                    break
                 parts.append(buffer)
                 size += len(buffer)
-                if size >= RECV_SIZE or len(parts) >= IOV_MAX:
-                    break
             chunk = parts[0] if len(parts) == 1 else b"".join(parts)
         conn.tls_chunk = chunk
         sent: int = conn.sock.send(chunk)
@@ -2209,11 +2280,6 @@ class ChatServer:
     # -- the end of each turn ---------------------------------------------
 
     def _end_of_turn(self) -> None:
-        if self._overflowed:
-            overflowed, self._overflowed = self._overflowed, []
-            for conn in overflowed:
-                if not conn.closing:
-                    self._drop_slow_reader(conn)
         if self._notices_owed():
             self._announce()
         if self._dirty:
@@ -2224,6 +2290,11 @@ class ChatServer:
                 conn.dirty = False
                 if conn.state != CLOSED:
                     self._send(conn)
+        if self._overflowed:  # past --max-queue in a broadcast: cut if still so
+            overflowed, self._overflowed = self._overflowed, []
+            for conn in overflowed:
+                if not conn.closing and self._over_queue(conn, 1):
+                    self._drop_slow_reader(conn)
         if self._over:
             self._enforce_budgets()
         if _log_held:
@@ -2247,21 +2318,25 @@ class ChatServer:
                 continue
             if budget is memory:
                 pool: Any = self.connections
+                excess = memory.held - memory.limit
                 why = "the server is short of memory (limit %d bytes), and you held the most"
             else:
-                pool = budget.conns  # type: ignore[attr-defined]
+                assert isinstance(budget, Account)
+                # Its figure counts a buffer once per queue: what is real?
+                excess = self._address_holds(budget) - budget.limit
+                pool = budget.conns
                 why = "your address holds too much (limit %d bytes), and you held the most"
             holders = sorted(
-                (c for c in pool if not c.closing and c.charge), key=lambda c: -c.charge
+                ((self._frees(c), c) for c in pool if not c.closing), key=lambda pair: -pair[0]
             )
-            for victim in holders:
-                if not budget.over():
+            for frees, victim in holders:
+                if excess <= 0 or not frees:
                     break
                 log(
                     "%s holds %d bytes, the most: cut (%s over its %d bytes)"
                     % (
                         victim.name,
-                        victim.charge,
+                        frees,
                         "the server" if budget is memory else "its address",
                         budget.limit,
                     )
@@ -2269,6 +2344,7 @@ class ChatServer:
                 self._cut(victim, why % budget.limit, "over a memory budget")
                 if victim.state != CLOSED:
                     self._send(victim)
+                excess -= frees
 
     def _announce(self) -> None:
         """Tell every user who joined and left since the last notices, each with
@@ -2346,7 +2422,14 @@ class ChatServer:
     def _housekeeping(self, now: float) -> None:
         timeout = self.config.frame_timeout
         if timeout:
-            for conn in [c for c in self._unfinished if now - c.input_since >= timeout]:
+            # No progress for the timeout, or slower on the whole than
+            # MIN_FRAME_RATE: a frame trickled a byte at a time is no frame.
+            for conn in [
+                c
+                for c in self._unfinished
+                if now - c.input_since >= timeout
+                or now - c.input_started >= timeout + c.input_held / MIN_FRAME_RATE
+            ]:
                 self._stalled(conn, timeout)
         if now >= self._next_forget:
             self._next_forget = now + FORGET_INTERVAL
@@ -2381,6 +2464,7 @@ class ChatServer:
         came whole leaves nothing to skip by: that connection is closed.
         """
         waited = "%g second%s" % (timeout, "" if timeout == 1 else "s")
+        trickled = self._now - conn.input_since < timeout  # it moves, but too slowly
         if conn.large is not None:
             conn.skip = len(conn.large) - conn.large_got
             self._drop_large(conn)
@@ -2388,7 +2472,7 @@ class ChatServer:
             conn.skip = HEADER_SIZE + parse_header(bytes(conn.tail[:HEADER_SIZE])) - len(conn.tail)
             conn.tail = bytearray()
             self._hold_input(conn, 0)
-        elif not conn.tail:  # what it holds is no frame (input held during a claim)
+        elif not conn.tail or conn.state == CLAIMING:  # input held during a claim
             return
         else:
             self._reject(
@@ -2396,6 +2480,10 @@ class ChatServer:
                 "Disconnected: a frame header stopped arriving for %s" % waited,
                 "unfinished frame header for %s" % waited,
             )
+            return
+        if trickled:
+            log("%s: unfinished message dropped, arriving too slowly" % conn.name)
+            self._tell(conn, "Not sent: your message arrived too slowly and was dropped")
             return
         log("%s: unfinished message dropped after %s" % (conn.name, waited))
         self._tell(conn, "Not sent: your message stopped arriving for %s and was dropped" % waited)
@@ -2596,6 +2684,17 @@ def _utf8_frames_end(data: bytes, start: int, stop: int) -> int:
             break
         start = end
     return start
+
+
+def _address_key(host: str) -> str:
+    """What the limits of an address are kept by: an IPv4 address, or an IPv6
+    /64 (a host can take any address of its network's /64)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.IPv6Network((host, 64), strict=False))
+    except ValueError:  # a scoped address (fe80::1%eth0) on an old Python
+        return host
 
 
 def _is_loopback(host: str) -> bool:
@@ -3346,15 +3445,21 @@ class SharedChatServer(ChatServer):
         self._want(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
         if isinstance(result, BaseException):
             log("%s: nickname %s not checked with Redis (%s)" % (conn.address, nick, result))
-        elif not granted or key in self.users:
-            if granted:
-                self._releases.append((key, member))
-            self._reject(
-                conn,
-                'Nickname rejected: "%s" is already in use' % nick,
-                "nickname rejected: %r is in use on another server" % nick,
-            )
-            return
+        else:
+            # Checked again: another claim may have won here meanwhile.
+            reason = self._nick_refused(conn, nick) if granted else None
+            if not granted or reason is not None:
+                if granted:
+                    self._releases.append((key, member))
+                reason = reason or "%r is in use on another server" % nick
+                self._reject(
+                    conn,
+                    'Nickname rejected: "%s" is already in use' % nick
+                    if not granted
+                    else "Nickname rejected: %s" % reason.replace("'", '"'),
+                    "nickname rejected: %s" % reason,
+                )
+                return
         self._members[key] = member
         if granted:
             self._others = max(result - len(self.users) - 1, 0)
@@ -3384,9 +3489,9 @@ class SharedChatServer(ChatServer):
 
     def _renamed(self, conn: Connection, old: str, new: str, member: str, result: Any) -> None:
         key = new.casefold()
-        taken = self.users.get(key)
         present = self.users.get(conn.nick_key) is conn
-        if not present or conn.nick != old or (taken and taken is not conn):
+        taken = present and self._nick_refused(conn, new) is not None
+        if not present or conn.nick != old or taken:
             if isinstance(result, int) and result > 0:
                 self._releases.append((key, member))
             if present and conn.nick == old:

@@ -83,3 +83,26 @@ def test_nicknames_that_hide_or_pose_are_refused():
     assert skeleton("bob") == skeleton("b0b") == skeleton("bоb")  # digit zero, Cyrillic o
     assert skeleton("modem") == skeleton("rnodern")
     assert skeleton("alice") != skeleton("alicia")
+
+
+def test_capitals_that_casefold_away_from_their_look_are_lookalikes_too():
+    skeleton = selchat.nick_skeleton
+    for online, lookalike in [
+        ("Hugo", "\u0397ugo"),  # Greek capital eta
+        ("Mallory", "\u039callory"),  # Greek capital mu
+        ("Nick", "\u039dick"),  # Greek capital nu
+        ("Yuri", "\u03a5uri"),  # Greek capital upsilon
+        ("alice", "al\u0131ce"),  # dotless i
+        ("amy", "\u0251my"),  # Latin alpha
+        ("COPE", "\u0421\u041e\u0420\u0415"),  # all Cyrillic
+    ]:
+        assert skeleton(online) == skeleton(lookalike), (online, lookalike)
+
+
+def test_an_address_with_wrong_passwords_is_remembered_long_enough_for_its_lockout_to_grow():
+    config = selchat.ServerConfig()
+    account = selchat.Account("192.0.2.1", 0, config, now=0.0)
+    assert account.forgettable(0.0)
+    account.failures, account.failed_at, account.locked_until = 10, 100.0, 101.0
+    assert not account.forgettable(102.0)  # the lockout is over, the count is not
+    assert account.forgettable(100.0 + selchat.PASSWORD_LOCKOUT_MAX)

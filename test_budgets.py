@@ -324,8 +324,9 @@ def test_slices_of_read_buffers_pin_nothing_beyond_the_budget(start_server, conn
 
 @needs_proc
 def test_who_replies_to_never_reading_askers_are_cut_at_max_queue(start_server, connect):
-    # Attack: ten connections that never read each ask /who 1500 times in a room
-    # of 200 users (5 KB a reply, 7.5 MB each), no rate limit. Replies used to
+    # Attack: ten connections that never read each ask /who 4000 times in a room
+    # of 200 users (the first 100 are listed: 3 KB a reply, 12 MB each), no rate
+    # limit. Replies used to
     # skip --max-queue. Outcome: each asker is cut at --max-queue (1 MiB), the
     # server grows by less than its 16 MiB budget, the honest users chat on.
     max_memory = 16 * MIB
@@ -339,7 +340,7 @@ def test_who_replies_to_never_reading_askers_are_cut_at_max_queue(start_server, 
     drains = [drain_after_cut(server, peer, f"asker{i}") for i, peer in enumerate(askers)]
     baseline, _ = memory(server)
     for peer in askers:
-        peer.send_raw(frame("/who") * 1500)
+        peer.send_raw(frame("/who") * 4000)
     for thread, _ in drains:
         thread.join(30)
     for i, (_, result) in enumerate(drains):
@@ -826,7 +827,9 @@ def test_sighup_says_goodbye_and_exits_cleanly(start_server, connect):
 
 def test_an_address_over_its_budget_loses_its_biggest_holder_not_a_bystander(start_server, connect):
     # Attack: at one address, two connections stop reading while a third (a
-    # bystander) reads; an honest user elsewhere sends messages of 100 KB.
+    # bystander) reads; an honest user elsewhere sends messages of 20 KB to
+    # the room, and one of 100 KB to each non-reader alone (a broadcast held
+    # by several queues of one address counts once for it; these do not).
     # Then large messages begin at that address past its budget. Outcome: the
     # non-readers are cut, biggest first, the bystander at that address gets
     # every message; a new large frame that would overflow the address budget
@@ -846,8 +849,10 @@ def test_an_address_over_its_budget_loses_its_biggest_holder_not_a_bystander(sta
         # that keeps up
         ahead = len(texts) - 3
         bystander_reads.wait_for(lambda _f, n=ahead: len(bystander_reads.chats("sender")) >= n)
-        texts.append(f"m{len(texts):03d} " + "t" * 100_000)
+        texts.append(f"m{len(texts):03d} " + "t" * 20_000)
         sender.send_chat(texts[-1], nick="sender")
+        for i in range(2):
+            sender.send_frame(f"/msg hog{i} " + "p" * 100_000)
     count = len(texts)
     bystander_reads.wait_for(lambda _f: len(bystander_reads.chats("sender")) == count, what="all")
     assert bystander_reads.chats("sender") == texts
@@ -887,3 +892,70 @@ def test_an_address_over_its_budget_loses_its_biggest_holder_not_a_bystander(sta
     assert not bystander_reads.closed
     sender.send_chat("still here", nick="sender")
     wait_for_chat(bystander_reads, "sender", "still here")
+
+
+# ---------------------------------------------------------------------------
+# From a review of the above: paths the first tests did not try
+# ---------------------------------------------------------------------------
+
+
+def test_a_frame_trickled_a_byte_at_a_time_is_dropped_though_it_never_stops(start_server, connect):
+    # Attack: a 2000-byte frame sent a byte every 0.3 s never pauses for the
+    # --frame-timeout (1 s), but on the whole comes slower than the minimum
+    # rate (16 KiB/s): it is dropped after the timeout plus its size at that
+    # rate (about 1.1 s), the rest skipped, and the connection stays usable.
+    server = start_server("--frame-timeout", 1, "--rate", 0)
+    alice, bob = connect(server.port, "alice"), connect(server.port, "bob")
+    payload = frame(chat_payload("t" * 1980, "alice"))
+    alice.send_raw(payload[:12])
+    sent, deadline = 12, time.monotonic() + TIMEOUT
+    alice.sock.settimeout(0.3)
+    answer = None
+    while answer is None:
+        assert time.monotonic() < deadline, "the trickled frame was never dropped"
+        alice.send_raw(payload[sent : sent + 1])
+        sent += 1
+        try:
+            answer = recv_skipping_notices(alice, 0.3)
+        except TimeoutError:
+            continue
+    assert answer == "Not sent: your message arrived too slowly and was dropped"
+    assert sent < 40  # well before it could have ended
+    alice.send_raw(payload[sent:])  # the rest is skipped, not taken for frames
+    alice.send_chat("after", nick="alice")
+    assert recv_chat_skipping(bob)[1:] == ["alice", "after"]
+
+
+def recv_chat_skipping(peer):
+    while True:
+        payload = peer.recv_frame()
+        if b"\0" in payload:
+            return payload.decode("utf-8").split("\0")
+
+
+def test_users_behind_one_address_sharing_the_history_are_not_cut_for_it(start_server, connect):
+    # One address (a classroom behind NAT) with 20 users joining while the
+    # history holds 5 x 1 MB: each queue holds the same 5 MB (what the kernel
+    # has not taken), up to 100 MB if it were counted once per user, against
+    # --max-address-memory 8 MB. What the address really keeps alive is the
+    # one history: nobody is cut.
+    server = start_server(
+        "--history", 5, "--max-message", 1_100_000, "--max-address-memory", 8_000_000,
+        "--rate", 0,
+    )  # fmt: skip
+    alice = connect(server.port, "alice", source=HONEST)
+    for number in range(5):
+        alice.send_chat("%d" % number + "h" * 1_000_000, nick="alice")
+    alice.send_frame("/help")  # answered once the server has remembered them all
+    assert alice.recv_service().startswith("Commands: ")
+    room = [Peer(server.port, source="127.0.0.9", rcvbuf=4096) for _ in range(20)]
+    for index, peer in enumerate(room):
+        peer.send_frame("pupil%d" % index)
+    server.wait_for_count("joined as pupil", 20)
+    for index, peer in enumerate(room):
+        assert peer.recv_service().startswith("Welcome to selchat, pupil%d!" % index)
+        assert peer.recv_service() == "--- 5 messages from before you joined ---"
+        texts = [recv_chat_skipping(peer)[2] for _ in range(5)]
+        assert [text[0] for text in texts] == list("01234")
+    assert "over a memory budget" not in server.log
+    assert "disconnected" not in server.log
