@@ -2732,8 +2732,9 @@ Runs = List[Tuple[str, str]]  # (SGR style or "", text) pieces of one line
 
 
 def wrap_runs(runs: Runs, width: int, indent: int = 0) -> list[str]:
-    """Rows of at most ``width`` columns; rows after the first start with
-    ``indent`` spaces (a hanging indent), so that no text reaches column 0."""
+    """Rows of at most ``width`` columns, broken after a space where one is
+    near; rows after the first start with ``indent`` spaces (a hanging
+    indent), so that no text reaches column 0 but the line's own start."""
     width = max(width, 2)
     indent = min(indent, width // 2)
     rows: list[str] = []
@@ -2742,18 +2743,26 @@ def wrap_runs(runs: Runs, width: int, indent: int = 0) -> list[str]:
     for style, text in runs:
         if style:
             row.append(style)
+        space_at = space_col = -1  # where the row may break, in this run
         for cluster in clusters(text):
             cols = cluster_width(cluster)
             if col + cols > width and col > indent:
+                tail: list[str] = []
+                if space_at >= 0 and indent + col - space_col + cols <= width:
+                    tail, row = row[space_at:], row[:space_at]
+                    col -= space_col
+                else:
+                    col = 0
                 if style:
                     row.append(RESET)
                 rows.append("".join(row))
-                row = [" " * indent]
-                col = indent
-                if style:
-                    row.append(style)
+                row = [" " * indent, style, *tail] if style else [" " * indent, *tail]
+                col += indent
+                space_at = -1
             row.append(cluster)
             col += cols
+            if cluster == " ":
+                space_at, space_col = len(row), col
         if style:
             row.append(RESET)
     rows.append("".join(row))
@@ -3301,7 +3310,6 @@ class Terminal:
         self.width, self.height = 80, 24
         self.status_rows = 0  # rows of the status line directly above the region
         self._queued: list[str] = []  # rows of the messages of this turn
-        self._bell = False
         self._echoed = ""  # dumb: what of the typed line is on screen
         if mode == "full":
             self.measure()
@@ -3329,8 +3337,10 @@ class Terminal:
     def show(self, message: Message, bell: bool = False) -> None:
         head, body = message
         indent = text_width(plain(head)) if self.mode == "full" else 0
-        self._queued += self._rows(head + body, indent)
-        self._bell = self._bell or bell
+        rows = self._rows(head + body, indent)
+        if bell:
+            rows[-1] += BELL
+        self._queued += rows
         if not self.active:
             self.flush()
 
@@ -3339,8 +3349,8 @@ class Terminal:
         if not self._queued:
             return
         rows, self._queued = self._queued, []
-        bell, self._bell = self._bell, False
-        text = "\r\n".join(rows) + "\r\n" + (BELL if bell else "")
+        newline = "\n" if self.mode == "plain" else "\r\n"  # raw mode: no output processing
+        text = newline.join(rows) + newline
         if self.mode == "full" and self.active:
             self.status_rows = 0
             self.write(self.editor.clear() + text + self._region())
@@ -3461,13 +3471,14 @@ def save_history(path: str | None, lines: list[str]) -> None:
         pass
 
 
-# Terminal modes: read keys one by one, without echo or signals from keys.
+# Raw mode: keys one by one, without echo, signals from keys or output processing.
 def _raw_mode(fd: int) -> Any:
     import termios
 
     saved = termios.tcgetattr(fd)
     mode = termios.tcgetattr(fd)
     mode[0] &= ~(termios.ICRNL | termios.INLCR | termios.IXON)
+    mode[1] &= ~termios.OPOST  # what is written is what the terminal gets: CR LF where meant
     mode[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
     mode[6][termios.VMIN] = 1
     mode[6][termios.VTIME] = 0
@@ -3628,6 +3639,7 @@ class ChatClient:
                 if self.last_notice:
                     break
                 _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
+                self.status = 1
                 return False
             self._close_socket()
             if not self.interactive or not self._second_chance():
@@ -4742,7 +4754,7 @@ def _ask_nick(where: str) -> str | None:
     interactive = sys.stdin.isatty()
     while True:
         try:
-            nick = input("Nickname: ") if interactive else sys.stdin.readline()
+            nick = input("Nickname: ") if interactive else _first_line()
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 sys.stdout.write("\n")
@@ -4761,6 +4773,18 @@ def _ask_nick(where: str) -> str | None:
             _fail("cannot join %s: invalid nickname %r: %s" % (where, nick, reason))
             return None
         sys.stdout.write("A nickname %s.\n" % reason)
+
+
+def _first_line() -> str:
+    """The first line of input, read byte by byte: what follows it is read by
+    the client's loop straight from the file descriptor, past Python's buffer."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(sys.stdin.fileno(), 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode("utf-8", "replace")
 
 
 def run_client(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ for events with deadlines, never with bare sleeps.
 """
 
 import io
-import os
-import re
 import signal
 import sys
 import time
@@ -18,12 +16,9 @@ import unicodedata
 
 import pyte
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from wcwidth import wcwidth
 
-import selchat
-from selchat_testkit import HERE, SCRIPT, TIMEOUT, clean_env, needs_pty, pexpect, welcome_text
+from selchat_testkit import HERE, SCRIPT, TIMEOUT, clean_env, needs_pty, pexpect
 
 ROWS, COLS = 12, 40
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl
@@ -87,7 +82,9 @@ class ModernScreen(pyte.HistoryScreen):
         return out
 
     def display_rows(self):
-        return ["".join(self.buffer[y][x].data for x in range(self.columns)) for y in range(self.lines)]
+        return [
+            "".join(self.buffer[y][x].data for x in range(self.columns)) for y in range(self.lines)
+        ]
 
 
 class Term:
@@ -118,7 +115,9 @@ class Term:
             if condition():
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not happen; screen:\n" + "\n".join(self.screen.rows()[-40:]))
+                raise AssertionError(
+                    f"{what} did not happen; screen:\n" + "\n".join(self.screen.rows()[-40:])
+                )
 
     def settle(self, quiet=0.15):
         """Feed until the client has written nothing for ``quiet`` seconds."""
@@ -191,7 +190,9 @@ def term(tmp_path):
 def joined_term(term, server, nick="alice", online=2, **options):
     screen = term(server.port, nick, **options)
     screen.wait_text(f"Welcome to selchat, {nick}!")
-    screen.wait(lambda: screen.screen.display_rows()[screen.cursor()[0]].startswith(nick + "> "), "prompt")
+    screen.wait(
+        lambda: screen.screen.display_rows()[screen.cursor()[0]].startswith(nick + "> "), "prompt"
+    )
     return screen
 
 
@@ -248,7 +249,11 @@ def selchat_clusters(text):
             wcwidth(char) <= 0
             or unicodedata.category(char) in ("Mn", "Cf")
             or out[-1].endswith("\u200d")
-            or (0x1F1E6 <= ord(char) <= 0x1F1FF and len(out[-1]) == 1 and 0x1F1E6 <= ord(out[-1]) <= 0x1F1FF)
+            or (
+                0x1F1E6 <= ord(char) <= 0x1F1FF
+                and len(out[-1]) == 1
+                and 0x1F1E6 <= ord(out[-1]) <= 0x1F1FF
+            )
         ):
             out[-1] += char
         else:
@@ -267,7 +272,11 @@ def check_region(screen, typed, pos, cols=COLS, prompt="alice> "):
     shown = [row.rstrip() for row in region]
     assert shown[: len(expected)] == [row.rstrip() for row in expected], shown
     assert not any(shown[len(expected) :]), shown
-    assert screen.cursor() == (top + where[pos][0], where[pos][1]), (screen.cursor(), top, where[pos])
+    assert screen.cursor() == (top + where[pos][0], where[pos][1]), (
+        screen.cursor(),
+        top,
+        where[pos],
+    )
 
 
 def type_line(screen, typed, moves=b"", pos=None, prompt="alice> "):
@@ -320,7 +329,9 @@ def test_arrivals_above_a_wrapped_line_are_all_kept_and_the_line_and_cursor_stay
 
 
 @needs_pty
-@pytest.mark.parametrize("length", [COLS - 7, 2 * COLS - 7, COLS - 8], ids=["one-row", "two-rows", "one-short"])
+@pytest.mark.parametrize(
+    "length", [COLS - 7, 2 * COLS - 7, COLS - 8], ids=["one-row", "two-rows", "one-short"]
+)
 def test_a_line_exactly_as_wide_as_the_terminal_leaves_no_copy_of_the_prompt(
     server, connect, term, length
 ):
@@ -410,7 +421,7 @@ def test_a_bracketed_paste_during_a_flood_sends_every_line_in_order_and_loses_no
     assert_once_in_order(screen, ["alice: " + line for line in sent])
     received = []
     while len(received) < len(pasted):
-        stamp, nick, text = bob.recv_chat_skipping_notices()
+        _stamp, nick, text = bob.recv_chat_skipping_notices()
         if nick == "alice":
             received.append(text)
     assert received == sent
