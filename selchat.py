@@ -3207,7 +3207,7 @@ class LineEditor:
         word = self.text[start : self.pos]
         first = not self.text[:start].strip()
         if first and word.startswith("/"):
-            choices = [name for name in COMMAND_NAMES if name.startswith(word.lower())]
+            choices = sorted(name for name in COMMAND_NAMES if name.startswith(word.lower()))
         else:
             folded = word.casefold()
             choices = sorted({name for name in names if name.casefold().startswith(folded)})

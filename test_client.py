@@ -16,7 +16,11 @@ import unicodedata
 
 import pyte
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wcwidth import wcwidth
+
+import selchat
 
 from selchat_testkit import HERE, SCRIPT, TIMEOUT, clean_env, needs_pty, pexpect
 
@@ -445,3 +449,431 @@ def test_leaving_takes_a_wrapped_half_typed_line_off_the_screen(server, connect,
     assert not any("quick brown" in row or "running far" in row for row in rows), rows
     if how == "shutdown":
         assert any(row.endswith("Goodbye!") for row in rows)
+
+
+# ---------------------------------------------------------------------------
+# Unit: widths
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "char, width",
+    [
+        ("a", 1),
+        ("中", 2),
+        ("Ｗ", 2),  # fullwidth
+        ("\u0301", 0),  # combining acute
+        ("\u20dd", 0),  # enclosing circle (Me)
+        ("\u200d", 0),  # ZWJ
+        ("\ufe0f", 0),  # variation selector 16
+        ("\u200b", 0),  # zero-width space (Cf)
+        ("\x00", 0),
+        ("\u00ad", 1),  # the soft hyphen is drawn
+        ("é", 1),
+    ],
+)
+def test_char_width_gives_each_character_the_columns_a_terminal_draws(char, width):
+    assert selchat.char_width(char) == width
+
+
+@pytest.mark.parametrize(
+    "text, width",
+    [
+        ("hello", 5),
+        ("中文", 4),
+        (ACUTE, 1),
+        (THUMBS, 2),
+        ("\u2764\ufe0f", 2),  # a text-default heart in emoji presentation
+        (FAMILY, 2),
+        (FLAG, 2),
+        ("\U0001f44d\U0001f3fd", 2),  # thumbs up, medium skin tone
+        ("a" + FAMILY + "b", 4),
+        ("\U0001f1eb", 1),  # a lone regional indicator (narrow in Unicode's tables)
+        ("a\u200db", 2),  # a ZWJ between letters joins nothing
+        ("", 0),
+    ],
+)
+def test_text_width_counts_emoji_sequences_as_one_wide_glyph(text, width):
+    assert selchat.text_width(text) == width
+
+
+def test_clusters_keep_each_glyph_whole():
+    assert selchat.clusters("a" + FAMILY + THUMBS + FLAG + FLAG + ACUTE) == [
+        "a",
+        FAMILY,
+        THUMBS,
+        FLAG,
+        FLAG,
+        ACUTE,
+    ]
+    assert selchat.clusters("a\u200db") == ["a\u200d", "b"]
+
+
+def test_wrap_runs_hangs_continuation_rows_under_the_text_so_nothing_fakes_a_line():
+    head = [("", "[12:00:00] eve: ")]
+    fake = "x" * 24 + "[12:00:01] admin: all is well"
+    rows = selchat.wrap_runs([*head, ("", fake)], 40, selchat.text_width(head[0][1]))
+    assert rows[0].startswith("[12:00:00] eve: ")
+    assert all(row.startswith(" " * 16) for row in rows[1:]), rows
+    assert all(selchat.text_width(row) <= 40 for row in rows)
+
+
+def test_wrap_runs_breaks_after_a_space_and_keeps_styles_per_row():
+    rows = selchat.wrap_runs([("", "[t] "), ("\x1b[1m", "aaa bbb ccc")], 10, 4)
+    assert rows == ["[t] \x1b[1maaa \x1b[0m", "    \x1b[1mbbb \x1b[0m", "    \x1b[1mccc\x1b[0m"]
+
+
+def test_a_huge_message_costs_the_client_well_under_ten_milliseconds():
+    # What the client does with a 1 MB message: fold, mention search, sanitise,
+    # format and wrap what is shown. Measured: the best of five runs.
+    text = ("hello alice, " + "x" * 90 + "\t\x1b[2J中文 ") * 9000
+    assert len(text.encode()) > 1_000_000
+    formatter = selchat.Formatter(color=True)
+    payload = selchat.pack_message(text, "bob")
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        stamp, field, body = selchat.unpack_message(payload)
+        shown = selchat.fold(body)
+        mentions = selchat.find_mentions(shown, "alice")
+        head, runs = formatter.chat(stamp, field, shown, mentions)
+        rows = selchat.wrap_runs(head + runs, 80, selchat.text_width(selchat.plain(head)))
+        best = min(best, time.perf_counter() - started)
+    print(f"a {len(payload):,}-byte message costs {best * 1000:.2f} ms")
+    assert best < 0.010, best
+    words = " ".join(row.strip() for row in rows).split()
+    assert words[-3:] == [f"({len(text) - selchat.MAX_SHOWN:,}", "more", "characters)"], words[-4:]
+    assert "\x1b[2J" not in "".join(rows)
+
+
+def test_find_mentions_is_linear_on_a_megabyte():
+    text = "alicealicealice " * 70_000
+    started = time.perf_counter()
+    spans = selchat.find_mentions(text, "alice")
+    assert time.perf_counter() - started < 0.25
+    assert spans == []
+
+
+def test_fold_counts_what_is_not_shown():
+    assert selchat.fold("abc") == "abc"
+    folded = selchat.fold("y" * (selchat.MAX_SHOWN + 1_234_567))
+    assert folded.endswith(" \u2026 (1,234,567 more characters)")
+
+
+def test_nicknames_are_shown_with_invisible_characters_escaped():
+    assert selchat.shown_nick("bob\u200b") == "bob\\u200b"
+    assert selchat.shown_nick("\u3164") == "\\u3164"
+    assert selchat.shown_nick("bob\x1b[31m") == "bob\\x1b[31m"
+    assert selchat.shown_nick("Zoë") == "Zoë"
+
+
+def test_nick_colour_ignores_case_and_the_256_palette_has_no_red():
+    assert selchat.nick_color("Alice") == selchat.nick_color("alice")
+    assert selchat.nick_color("ALICE", selchat.NICK_COLORS_256) == selchat.nick_color(
+        "alice", selchat.NICK_COLORS_256
+    )
+    assert len(selchat.NICK_COLORS_256) >= 60
+    for code in selchat.NICK_COLORS_256:
+        index = int(code.split(";")[2]) - 16
+        red, green, blue = index // 36, index // 6 % 6, index % 6
+        assert red <= max(green, blue), code
+    colours = {selchat.nick_color(f"user{i}", selchat.NICK_COLORS_256) for i in range(10)}
+    assert len(colours) >= 8
+
+
+def test_who_and_help_answers_are_split_one_item_a_line():
+    who = "3 users online: alice (joined 5 s ago), bob (joined 1 min ago), carol (joined 2 h 3 min ago)"
+    assert selchat.split_notice(who) == [
+        "3 users online:",
+        "  alice (joined 5 s ago)",
+        "  bob (joined 1 min ago)",
+        "  carol (joined 2 h 3 min ago)",
+    ]
+    help_text = (
+        "Commands: /help: this list; /who: who is online. Start a message with // to send "
+        "it with a single /. Type <quit< to leave."
+    )
+    assert selchat.split_notice(help_text) == [
+        "Commands:",
+        "  /help: this list",
+        "  /who: who is online",
+        "Start a message with // to send it with a single /. Type <quit< to leave.",
+    ]
+    assert selchat.split_notice("bob joined the chat (2 online)") == [
+        "bob joined the chat (2 online)"
+    ]
+    assert selchat.names_in_notice("bob, carol and dave joined the chat (4 online)") == (
+        ["bob", "carol", "dave"],
+        [],
+    )
+    assert selchat.names_in_notice("a, b and 3 others left the chat (1 online)") == ([], ["a", "b"])
+    assert selchat.names_in_notice("bob is now known as robert") == (["robert"], ["bob"])
+    assert selchat.names_in_notice(who)[0] == ["alice", "bob", "carol"]
+
+
+# ---------------------------------------------------------------------------
+# Unit: keys
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        (b"\x1b[H", "home"),
+        (b"\x1b[F", "end"),
+        (b"\x1bOH", "home"),
+        (b"\x1bOF", "end"),
+        (b"\x1b[1~", "home"),
+        (b"\x1b[4~", "end"),
+        (b"\x1b[7~", "home"),
+        (b"\x1b[8~", "end"),
+        (b"\x1b[3~", "delete"),
+        (b"\x1b[A", "up"),
+        (b"\x1bOB", "down"),
+        (b"\x1b[C", "right"),
+        (b"\x1b[D", "left"),
+        (b"\x1bb", "word-left"),
+        (b"\x1bf", "word-right"),
+        (b"\x1b[1;5D", "word-left"),
+        (b"\x01", "home"),
+        (b"\x05", "end"),
+        (b"\x02", "left"),
+        (b"\x06", "right"),
+        (b"\x7f", "backspace"),
+        (b"\x08", "backspace"),
+        (b"\x0b", "kill-end"),
+        (b"\x15", "kill-start"),
+        (b"\x17", "rubout-word"),
+        (b"\x19", "yank"),
+        (b"\x0c", "clear"),
+        (b"\x12", "search"),
+        (b"\t", "complete"),
+        (b"\r", "enter"),
+        (b"\x03", "interrupt"),
+        (b"\x04", "eof"),
+        (b"\x1a", "suspend"),
+    ],
+)
+def test_key_reader_knows_the_common_sequences_whole_and_cut_anywhere(data, name):
+    assert selchat.KeyReader().feed(data) == [("key", name)]
+    for cut in range(1, len(data)):
+        reader = selchat.KeyReader()
+        keys = reader.feed(data[:cut]) + reader.feed(data[cut:])
+        assert keys == [("key", name)], (data, cut)
+
+
+def test_key_reader_decodes_utf8_cut_between_reads_and_reads_pastes_whole():
+    reader = selchat.KeyReader()
+    assert reader.feed("中".encode()[:2]) == []
+    assert reader.feed("中".encode()[2:] + b"x") == [("text", "中x")]
+    paste = b"\x1b[200~one\r\ntwo\x1b[D\x1b[201~"
+    for cut in range(1, len(paste)):
+        reader = selchat.KeyReader()
+        assert reader.feed(paste[:cut]) + reader.feed(paste[cut:]) == [
+            ("paste", "one\r\ntwo\x1b[D")
+        ], cut
+
+
+def test_a_lone_escape_waits_briefly_then_is_dropped_and_what_follows_is_typed():
+    reader = selchat.KeyReader()
+    assert reader.feed(b"ab\x1b", now=5.0) == [("text", "ab")]
+    assert reader.waiting and reader.since == 5.0
+    assert reader.flush() == []
+    assert not reader.waiting
+    assert reader.feed(b"c") == [("text", "c")]
+    assert reader.feed(b"\x1b\x1b[D") == [("key", "left")]
+
+
+# ---------------------------------------------------------------------------
+# Unit: the line editor
+# ---------------------------------------------------------------------------
+
+
+def editor_with(text, pos=None):
+    editor = selchat.LineEditor()
+    editor.insert(text)
+    if pos is not None:
+        editor.pos = pos
+    return editor
+
+
+def test_editor_moves_by_glyphs_and_words():
+    editor = editor_with("a" + FAMILY + "b")
+    editor.key("left")
+    editor.key("left")
+    assert editor.pos == 1
+    editor.key("right")
+    assert editor.pos == 1 + len(FAMILY)
+    editor.key("backspace")
+    assert editor.text == "ab"
+    editor = editor_with("one two  three", 14)
+    editor.key("word-left")
+    assert editor.pos == 9
+    editor.key("word-left")
+    assert editor.pos == 4
+    editor.key("word-right")
+    assert editor.pos == 7
+    editor.key("home")
+    editor.key("delete")
+    assert editor.text == "ne two  three" and editor.pos == 0
+    editor.key("end")
+    assert editor.pos == len(editor.text)
+
+
+def test_editor_kills_and_yanks_like_readline():
+    editor = editor_with("hello big world", 6)
+    editor.key("kill-end")
+    assert (editor.text, editor.kill) == ("hello ", "big world")
+    editor.key("yank")
+    assert editor.text == "hello big world" and editor.pos == 15
+    editor.key("rubout-word")
+    assert (editor.text, editor.kill) == ("hello big ", "world")
+    editor.key("kill-start")
+    assert (editor.text, editor.pos, editor.kill) == ("", 0, "hello big ")
+    editor = editor_with("abc", 1)
+    editor.key("eof")  # Ctrl+D on a line with text deletes forward
+    assert editor.text == "ac"
+
+
+def test_editor_history_recalls_lines_and_keeps_the_draft():
+    editor = selchat.LineEditor(["first", "second"])
+    editor.insert("draft")
+    editor.key("up")
+    assert editor.text == "second"
+    editor.key("up")
+    editor.key("up")
+    assert editor.text == "first"
+    editor.key("down")
+    editor.key("down")
+    assert editor.text == "draft"
+    assert editor.key("enter") == "draft"
+    assert editor.history == ["first", "second", "draft"] and editor.text == ""
+    editor.insert("draft")
+    assert editor.key("enter") == "draft"
+    assert editor.history.count("draft") == 1
+
+
+def test_editor_reverse_search_finds_older_lines_and_can_be_cancelled():
+    editor = selchat.LineEditor(["say hi", "/who", "say bye", "other"])
+    editor.insert("typing")
+    editor.key("search")
+    editor.insert("say")
+    assert editor.text == "say bye"
+    assert editor.prompt_for("> ") == "(reverse-i-search)`say': "
+    editor.key("search")
+    assert editor.text == "say hi"
+    editor.key("cancel")
+    assert (editor.text, editor.search) == ("typing", None)
+    editor.key("search")
+    editor.insert("who")
+    editor.key("end")  # takes the line found, and moves
+    assert editor.text == "/who" and editor.search is None and editor.pos == 4
+    editor.key("search")
+    editor.insert("oth")
+    assert editor.key("enter") == "other"
+
+
+def test_editor_completes_nicknames_and_commands_with_tab():
+    editor = editor_with("al")
+    assert editor.complete(["Alice", "bob"]) == []
+    assert editor.text == "Alice: "
+    editor = editor_with("hi b")
+    assert editor.complete(["Alice", "bob", "bobby"]) == []
+    assert editor.text == "hi bob"
+    assert editor.complete(["Alice", "bob", "bobby"]) == ["bob", "bobby"]
+    editor = editor_with("/w")
+    editor.complete([])
+    assert editor.text == "/who "
+    editor = editor_with("/m")
+    assert editor.complete([]) == ["/me", "/msg"]
+
+
+def test_editor_render_knows_its_rows_at_the_exact_width_boundary():
+    editor = editor_with("x" * 13)
+    drawn = editor.render("alice> ", 20)
+    assert drawn == "alice> " + "x" * 13 + "\r\n\r"  # full: on to the next row, explicitly
+    assert editor.cursor_row == 1
+    assert editor.clear() == "\x1b[1A\r\x1b[J"
+    editor.key("home")
+    drawn = editor.render("alice> ", 20)
+    assert drawn.endswith("\r\n\x1b[1A\r\x1b[7C") and editor.cursor_row == 0
+    assert editor.clear() == "\r\x1b[J"
+
+
+# ---------------------------------------------------------------------------
+# Property: random keystrokes and arrivals, the editor against an emulator
+# ---------------------------------------------------------------------------
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("type"), st.text(alphabet="ab c中文xyz", min_size=1, max_size=6)),
+    st.tuples(
+        st.just("key"),
+        st.sampled_from(["left", "right", "home", "end", "backspace", "delete"]),
+    ),
+    st.tuples(st.just("arrive"), st.integers(1, 4)),
+    st.tuples(st.just("enter"), st.just("")),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.sampled_from([10, 17, 24]),
+    actions=st.lists(ACTIONS, min_size=1, max_size=40),
+)
+def test_random_keys_and_arrivals_never_lose_a_message_or_the_line(width, actions):
+    height = 8
+    emulator = ModernScreen(width, height)
+    stream = pyte.Stream(emulator)
+    terminal = selchat.Terminal("full", selchat.LineEditor())
+    terminal.width, terminal.height = width, height
+    terminal.write = stream.feed
+    terminal.prompt = "> "
+    terminal.start()
+    model, cursor, arrived = [], 0, []
+    for kind, value in actions:
+        if kind == "type":
+            terminal.editor.insert(value)
+            model[cursor:cursor] = list(value)
+            cursor += len(value)
+            terminal.redraw()
+        elif kind == "key":
+            terminal.editor.key(value)
+            if value == "left":
+                cursor = max(cursor - 1, 0)
+            elif value == "right":
+                cursor = min(cursor + 1, len(model))
+            elif value == "home":
+                cursor = 0
+            elif value == "end":
+                cursor = len(model)
+            elif value == "backspace" and cursor:
+                del model[cursor - 1]
+                cursor -= 1
+            elif value == "delete" and cursor < len(model):
+                del model[cursor]
+            terminal.redraw()
+        elif kind == "arrive":
+            for _ in range(value):
+                arrived.append(f"m{len(arrived)}")
+                terminal.show(([("", "b: ")], [("", arrived[-1])]))
+        else:
+            line = terminal.editor.key("enter")
+            assert line == "".join(model)
+            model, cursor = [], 0
+            terminal.line_done()
+        terminal.flush()
+        # every arrival once, in order
+        rows = emulator.rows()
+        at = [[y for y, row in enumerate(rows) if row == "b: " + text] for text in arrived]
+        assert all(len(hits) == 1 for hits in at), rows
+        assert [hits[0] for hits in at] == sorted(hits[0] for hits in at)
+        # the line as the model says, the cursor where it belongs
+        display = emulator.display_rows()
+        starts = [y for y, row in enumerate(display) if row.startswith("> ")]
+        assert len(starts) == 1, display
+        expected, where = layout("".join(model), width, "> ")
+        region = [row.rstrip() for row in display[starts[0] :]]
+        assert region[: len(expected)] == [row.rstrip() for row in expected], (region, expected)
+        assert not any(region[len(expected) :]), region
+        row, col = where[cursor]
+        assert (emulator.cursor.y, emulator.cursor.x) == (starts[0] + row, col)
