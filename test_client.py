@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from wcwidth import wcwidth
 
 import selchat
-
 from selchat_testkit import HERE, SCRIPT, TIMEOUT, clean_env, needs_pty, pexpect
 
 ROWS, COLS = 12, 40
@@ -582,7 +581,10 @@ def test_nick_colour_ignores_case_and_the_256_palette_has_no_red():
 
 
 def test_who_and_help_answers_are_split_one_item_a_line():
-    who = "3 users online: alice (joined 5 s ago), bob (joined 1 min ago), carol (joined 2 h 3 min ago)"
+    who = (
+        "3 users online: alice (joined 5 s ago), bob (joined 1 min ago), "
+        "carol (joined 2 h 3 min ago)"
+    )
     assert selchat.split_notice(who) == [
         "3 users online:",
         "  alice (joined 5 s ago)",
