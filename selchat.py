@@ -3650,24 +3650,23 @@ class ChatClient:
         return False
 
     def _second_chance(self) -> bool:
-        """Ask again for what the server turned down; False when the user gives up."""
-        notice, self.last_notice = self.last_notice, ""
+        """Ask again for what the server turned down; False when the user gives up
+        (or it is not something to ask again)."""
+        notice = self.last_notice
         if notice.startswith("Nickname rejected"):
-            nick = _ask_nick(self.where)
-            if nick is None:
-                self.last_notice = notice
-                return False
-            self.nick = nick
-            return True
-        if notice.startswith("Wrong password"):
-            password = _ask_password()
-            if password is None:
-                self.last_notice = notice
-                return False
-            self.password = password
-            return True
-        self.last_notice = notice
-        return False
+            what, answer = "nickname", _ask_nick(self.where)
+            if answer is not None:
+                self.nick = answer
+        elif notice.startswith("Wrong password"):
+            what, answer = "password", _ask_password()
+            if answer is not None:
+                self.password = answer
+        else:
+            return False
+        self.last_notice = ""
+        if answer is None:  # the reason is on the screen already: not twice
+            _fail("cannot join %s: no %s given" % (self.where, what))
+        return answer is not None
 
     # -- the loop ----------------------------------------------------------
 

@@ -9,8 +9,12 @@ for events with deadlines, never with bare sleeps.
 """
 
 import io
+import os
+import re
 import signal
+import socket
 import sys
+import threading
 import time
 import unicodedata
 
@@ -21,7 +25,17 @@ from hypothesis import strategies as st
 from wcwidth import wcwidth
 
 import selchat
-from selchat_testkit import HERE, SCRIPT, TIMEOUT, clean_env, needs_pty, pexpect
+from selchat_testkit import (
+    HERE,
+    SCRIPT,
+    SHUTDOWN_NOTICE,
+    TIMEOUT,
+    clean_env,
+    frame,
+    free_port,
+    needs_pty,
+    pexpect,
+)
 
 ROWS, COLS = 12, 40
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl
@@ -448,6 +462,269 @@ def test_leaving_takes_a_wrapped_half_typed_line_off_the_screen(server, connect,
     assert not any("quick brown" in row or "running far" in row for row in rows), rows
     if how == "shutdown":
         assert any(row.endswith("Goodbye!") for row in rows)
+
+
+def prompt_row(screen):
+    """The row that holds the prompt (the one the region starts with)."""
+    rows = screen.screen.display_rows()
+    found = [row for row in rows if re.match(r"alice( \([^)]*\))?> ", row)]
+    return found[0] if len(found) == 1 else None
+
+
+def start_on(start_server, port, *args):
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return start_server("--host", "127.0.0.1", "--port", str(port), *args, address=False)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+@needs_pty
+def test_the_prompt_shows_the_state_and_each_attempt_replaces_the_last_notice(start_server, term):
+    port = free_port()
+    first = start_on(start_server, port)
+    screen = term(port, cols=80, rows=16)
+    screen.wait_text("Welcome to selchat, alice!")
+    type_line(screen, "a draft")
+    first.proc.kill()
+    screen.wait(lambda: (prompt_row(screen) or "").startswith("alice (reconnecting in "), "state")
+    waits = []
+
+    def third_try():
+        rows = screen.screen.rows()
+        waits[:] = [
+            float(w) for row in rows for w in re.findall(r"Reconnecting in (\d+\.\d) s", row)
+        ]
+        return bool(waits) and waits[-1] >= 1.5
+
+    screen.wait(third_try, "two failed attempts")
+    rows = screen.screen.rows()
+    assert len(waits) == 1, rows  # one status row, replaced at each attempt
+    assert not any("lost:" in row for row in rows), rows
+    row = prompt_row(screen)
+    prompt = row[: row.index("> ") + 2]
+    check_region(screen, "a draft", 7, 80, prompt)
+    second = start_on(start_server, port)
+    screen.wait_text("Welcome to selchat, alice! 1 user online.")
+    screen.wait(lambda: (prompt_row(screen) or "").startswith("alice> "), "connected prompt")
+    check_region(screen, "a draft", 7, 80)
+    screen.send(b"\r")
+    screen.wait_text("alice: a draft")
+    assert second.alive
+
+
+@needs_pty
+def test_a_taken_nickname_is_asked_again_and_giving_up_exits_one(server, connect, term):
+    connect(server.port, "alice", online=1)
+    screen = term(server.port, cols=80)
+    screen.wait_text('Nickname rejected: "alice" is already in use')
+    screen.wait_text("Nickname:")
+    screen.send(b"\x04")
+    assert screen.exit_status() == 1
+    rows = screen.screen.rows()
+    assert sum("Nickname rejected" in row for row in rows) == 1
+    assert any(row.startswith("selchat: cannot join 127.0.0.1") for row in rows), rows
+
+
+@needs_pty
+def test_a_wrong_password_is_asked_again(start_server, connect, term):
+    server = start_server("--password", "sesame")
+    screen = term(server.port, "alice", "--password", "wrong", cols=80)
+    screen.wait_text("Wrong password")
+    screen.wait_text("Password:")
+    screen.send(b"sesame\r")
+    screen.wait_text("Welcome to selchat, alice!")
+    assert sum("Wrong password" in row for row in screen.screen.rows()) == 1
+
+
+@needs_pty
+def test_ctrl_z_suspends_and_fg_gives_the_line_back(server, term):
+    screen = joined_term(term, server, online=1)
+    type_line(screen, "before")
+    screen.send(b"\x1a")
+    pid = screen.child.pid
+
+    def stopped():
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("T")
+
+    screen.wait(stopped, "the client stopped")
+    screen.settle()
+    assert prompt_row(screen) is None  # the line was taken off for the shell
+    os.kill(pid, signal.SIGCONT)
+    screen.wait(lambda: prompt_row(screen) is not None, "the line drawn again")
+    screen.send(b" and after")
+    check_region_eventually(screen, "before and after", 16)
+    screen.send(b"\r")
+    screen.wait_text("alice: before and after")
+
+
+@needs_pty
+def test_tab_completes_nicknames_from_notices_and_command_names(server, connect, term):
+    screen = joined_term(term, server, online=1)
+    connect(server.port, "bobby", online=2)
+    screen.wait_text("bobby joined the chat")
+    screen.send(b"b\t")
+    check_region_eventually(screen, "bobby: ", 7)
+    screen.send(b"\x15/wh\t")
+    check_region_eventually(screen, "/who ", 5)
+    screen.send(b"\r")
+    screen.wait_text("  bobby (joined")
+    screen.wait_text("  alice (joined")
+
+
+@needs_pty
+def test_typed_lines_are_kept_in_the_history_file_between_runs(server, term, tmp_path):
+    screen = joined_term(term, server, online=1)
+    type_line(screen, "remember me")
+    screen.send(b"\r")
+    screen.wait_text("alice: remember me")
+    screen.send(b"/quit\r")
+    assert screen.exit_status() == 0
+    assert (tmp_path / "history").read_text() == "remember me\n/quit\n"
+    again = joined_term(term, server, online=1)
+    again.send(b"\x1b[A\x1b[A")
+    check_region_eventually(again, "remember me", 11)
+
+
+@needs_pty
+def test_a_one_megabyte_message_is_folded_and_the_line_stays(server, connect, term):
+    bob = connect(server.port, "bob", online=1)
+    screen = joined_term(term, server, cols=80, rows=24)
+    type_line(screen, "typing on")
+    bob.send_chat("z" * 1_000_000, nick="bob")
+    bob.send_chat("after the big one", nick="bob")
+    screen.wait_text("bob: after the big one")
+    screen.settle()
+    rows = screen.screen.rows()
+    assert any(row.endswith("(998,000 more characters)") for row in rows), rows[-30:]
+    assert sum(row.count("z") for row in rows) == selchat.MAX_SHOWN
+    check_region(screen, "typing on", 9, 80)
+
+
+class HostileServer:
+    """A server that welcomes oddly, sends a far-future time and then a frame
+    that never ends, and never closes."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        self.conns.append(conn)
+        conn.recv(1024)
+        welcome = "Welcome \x1b[2J\x1b]0;pwned\x07 <quit< " + "w" * 3000
+        conn.sendall(frame(welcome.encode()))
+        conn.sendall(frame(b"--- 1 message from before you joined ---"))
+        conn.sendall(frame(b"9999-12-31T23:59:59-23:59\0mallory\0from the far future"))
+        conn.sendall(frame(b"--- end of earlier messages ---"))
+        conn.sendall(frame("+99999-01-01T00:00:00Z\0\u202emallory\u200b\0odd time".encode()))
+        conn.sendall(b"209715200 " + b"x" * 100_000)  # 200 MB announced, never all sent
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+
+
+@needs_pty
+def test_a_hostile_server_cannot_crash_hang_or_repaint_the_client(term):
+    hostile = HostileServer()
+    try:
+        screen = term(hostile.port, cols=80, rows=24)
+        screen.wait_text("odd time")
+        type_line(screen, "still typing")
+        rows = screen.screen.rows()
+        assert any("mallory: from the far future" in row for row in rows), rows
+        assert any("\\u202emallory\\u200b: odd time" in row for row in rows), rows
+        assert b"\x1b]0;pwned" not in bytes(screen.raw) and b"\x1b[2J" not in bytes(screen.raw)
+        screen.send(b"\x03")
+        started = time.monotonic()
+        assert screen.exit_status() == 0
+        assert time.monotonic() - started < 5
+        assert b"Traceback" not in bytes(screen.raw)
+    finally:
+        hostile.close()
+
+
+@needs_pty
+def test_on_a_dumb_terminal_an_arrival_starts_on_a_new_line_without_cursor_movement(
+    server, connect, term
+):
+    bob = connect(server.port, "bob", online=1)
+    screen = term(server.port, TERM="dumb")
+    screen.wait_text("Welcome to selchat, alice!")
+    bob.recv_service()
+    screen.send(b"half")
+    screen.wait_text("half")
+    bob.send_chat("in between", nick="bob")
+    screen.wait_text("bob: in between")
+    screen.send(b" done\r")
+    assert bob.recv_chat()[1:] == ("alice", "half done")
+    screen.wait_text("alice: half done")
+    rows = [row for row in screen.screen.rows() if row]
+    at = rows.index(next(row for row in rows if row.endswith("bob: in between")))
+    assert rows[at - 1] == "half" and rows[at + 1] == "half done", rows
+    assert b"\x1b[" not in bytes(screen.raw)
+
+
+@needs_pty
+def test_with_256_colours_nicks_get_one_of_many_and_own_messages_stand_out(server, connect, term):
+    bob = connect(server.port, "bob", online=1)
+    screen = term(server.port, TERM="xterm-256color", NO_COLOR=None, FORCE_COLOR="1")
+    screen.wait_text("Welcome to selchat, alice!")
+    bob.recv_service()
+    bob.send_chat("hi", nick="bob")
+    screen.wait_text("bob: hi")
+    screen.send(b"hello\r")
+    screen.wait_text("alice: hello")
+    raw = bytes(screen.raw)
+    bob_colour = selchat.nick_color("bob", selchat.NICK_COLORS_256)
+    assert f"\x1b[{bob_colour}mbob\x1b[0m: hi".encode() in raw
+    alice_colour = selchat.nick_color("alice", selchat.NICK_COLORS_256)
+    assert f"\x1b[{alice_colour}m{selchat.OWN_STYLE}alice\x1b[0m: hello".encode() in raw
+    assert re.search(
+        rb"\[\d\d:\d\d:\d\d\] \x1b\[1;31mbob|\[\d\d:\d\d:\d\d\] \x1b\[1;31mWelcome", raw
+    )
+
+
+def test_pipe_mode_reports_lines_left_unsent_at_the_goodbye_and_shows_only_what_went(
+    start_server, connect, piped_client
+):
+    server = start_server("--rate", "4", "--burst", "2")
+    bob = connect(server.port, "bob", online=1)
+    client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice")
+    client.write("".join(f"line {i}\n" for i in range(40)))
+    client.wait_for_output(b"alice: line 2")
+    server.proc.send_signal(signal.SIGINT)
+    assert client.wait_exit() == 1
+    out = bytes(client.out).decode()
+    err = bytes(client.err).decode()
+    assert out.rstrip("\n").endswith(SHUTDOWN_NOTICE), out
+    shown = re.findall(r"alice: (line \d+)$", out, re.M)
+    assert shown == [f"line {i}" for i in range(len(shown))]
+    unsent = int(
+        re.fullmatch(
+            r"selchat: the server at \S+ said goodbye before (\d+) lines went out\n", err
+        ).group(1)
+    )
+    assert len(shown) + unsent == 40, (shown, err)
+    received = []
+    while True:
+        payload = bob.recv_frame()
+        if payload == SHUTDOWN_NOTICE.encode():
+            break
+        if payload.count(b"\0") == 2 and b"\0alice\0" in payload:
+            received.append(payload.split(b"\0")[2].decode())
+    # what the server relayed before its goodbye was all shown as sent (a line
+    # handed over as the server stopped reading is shown and never relayed)
+    assert received == shown[: len(received)] and len(received) >= len(shown) - 2, (out, err)
 
 
 # ---------------------------------------------------------------------------
