@@ -3063,7 +3063,9 @@ class LineEditor:
     # editing
 
     def insert(self, text: str) -> None:
-        text = "".join(char for char in text if char >= " " and char != "\x7f")
+        text = "".join(
+            char for char in text.replace("\t", "    ") if char >= " " and char != "\x7f"
+        )
         if self.search is not None:
             self.search += text
             self._find(len(self.history))
@@ -3234,43 +3236,54 @@ class LineEditor:
             return "(reverse-i-search)`%s': " % sanitize(self.search)
         return prompt
 
-    def render(self, prompt: str, width: int, style: str = "") -> str:
+    def render(self, prompt: str, width: int, style: str = "", max_rows: int = 0) -> str:
         """Draw the prompt and the text from the region's first row, with the
-        cursor left where it belongs; records the cursor's row."""
+        cursor left where it belongs; records the cursor's row. A line taller
+        than ``max_rows`` shows the rows around the cursor only: the region
+        never scrolls the screen by more than it can take back."""
         width = max(width, 2)
-        prompt = self.prompt_for(prompt)
-        out: list[str] = [style] if style else []
-        row = col = 0
+        rows: list[list[str]] = [[style] if style else []]
+        styled = bool(style)
+        col = 0
         cursor: tuple[int, int] | None = None
-        pieces = [(cluster, -1) for cluster in clusters(prompt)]
+        pieces = [(cluster, -1) for cluster in clusters(self.prompt_for(prompt))]
         index = 0
         for cluster in clusters(self.text):
             pieces.append((cluster, index))
             index += len(cluster)
         for cluster, at in pieces:
-            if at == 0 and style:
-                out.append(RESET)
+            if at == 0 and styled:
+                rows[-1].append(RESET)
+                styled = False
             cols = min(cluster_width(cluster), width)
             if col + cols > width:
-                out.append("\r\n")
-                row, col = row + 1, 0
-            if at == self.pos and cursor is None and at >= 0:
-                cursor = (row, col)
-            out.append(cluster)
+                if styled:
+                    rows[-1].append(RESET)
+                rows.append([style] if styled else [])
+                col = 0
+            if at == self.pos and cursor is None:
+                cursor = (len(rows) - 1, col)
+            rows[-1].append(cluster)
             col += cols
-        if style and not self.text:
-            out.append(RESET)
+        if styled:
+            rows[-1].append(RESET)
         if col >= width:  # exactly full: go to the next row ourselves
-            out.append("\r\n")
-            row, col = row + 1, 0
+            rows.append([])
+            col = 0
         if cursor is None:
-            cursor = (row, col)
-        if row > cursor[0]:
-            out.append("\x1b[%dA" % (row - cursor[0]))
+            cursor = (len(rows) - 1, col)
+        first = 0
+        if 0 < max_rows < len(rows):
+            first = max(cursor[0] - max_rows + 1, 0)
+            rows = rows[first : first + max_rows]
+        row = cursor[0] - first
+        out = ["\r\n".join("".join(each) for each in rows)]
+        if len(rows) - 1 > row:
+            out.append("\x1b[%dA" % (len(rows) - 1 - row))
         out.append("\r")
         if cursor[1]:
             out.append("\x1b[%dC" % cursor[1])
-        self.cursor_row = cursor[0]
+        self.cursor_row = row
         self.drawn = True
         return "".join(out)
 
@@ -3371,7 +3384,7 @@ class Terminal:
         self.status_rows = len(rows)
 
     def _region(self) -> str:
-        return self.editor.render(self.prompt, self.width, self.prompt_style)
+        return self.editor.render(self.prompt, self.width, self.prompt_style, self.height - 1)
 
     def redraw(self) -> None:
         """The typed line changed: draw it again (dumb: echo what changed)."""
@@ -3383,6 +3396,8 @@ class Terminal:
             text = self.editor.text
             if text.startswith(self._echoed):
                 self.write(text[len(self._echoed) :])
+            elif self._echoed.startswith(text):  # rubbed out at the end: backspaces
+                self.write("\b \b" * text_width(self._echoed[len(text) :]))
             else:  # no cursor movement: the corrected line goes on a line of its own
                 self.write("\r\n" + text)
             self._echoed = text
@@ -3402,6 +3417,17 @@ class Terminal:
         self.measure()
         if self.active:
             self.write(clear + self._region())
+
+    def suspend(self) -> None:
+        """Ctrl+Z: the line goes, the terminal is left as the shell wants it."""
+        self.flush()
+        if self.mode == "full" and self.active:
+            self.write(self.editor.clear() + "\x1b[?2004l")
+
+    def resume(self) -> None:
+        if self.mode == "full" and self.active:
+            self.measure()
+            self.write(self.editor.clear() + "\x1b[?2004h" + self._region())
 
     def clear_screen(self) -> None:
         """Ctrl+L: what is on the screen scrolls up into the scrollback."""
@@ -3839,29 +3865,22 @@ class ChatClient:
 
     def _suspend(self) -> None:
         """Ctrl+Z: give the terminal back as it was, stop; ``fg`` resumes."""
-        self.screen.flush()
-        if self.screen.mode == "full" and self.screen.active:
-            self.screen.write(self.editor.clear() + "\x1b[?2004l")
+        self.screen.suspend()
         if self.saved_terminal is not None:
             _restore_terminal(self.saved_terminal)
         os.kill(os.getpid(), signal.SIGSTOP)
         self._resume()
 
     def _resume(self) -> None:
+        """After ``fg`` (SIGCONT): raw mode again, and the line drawn again."""
         if self.raw and self.stdin_fd >= 0:
             try:
-                self.saved_terminal = _raw_mode(self.stdin_fd)
+                saved = _raw_mode(self.stdin_fd)
             except Exception:  # noqa: BLE001 - the terminal has gone
-                pass
-        if self.screen.mode == "full" and self.screen.active:
-            self.screen.measure()
-            self.screen.write(
-                self.editor.clear()
-                + "\x1b[?2004h"
-                + self.editor.render(
-                    self.screen.prompt, self.screen.width, self.screen.prompt_style
-                )
-            )
+                return
+            if self.saved_terminal is None:
+                self.saved_terminal = saved
+        self.screen.resume()
 
     # -- the keyboard and the input lines ----------------------------------
 

@@ -497,9 +497,9 @@ def test_the_prompt_shows_the_state_and_each_attempt_replaces_the_last_notice(st
         waits[:] = [
             float(w) for row in rows for w in re.findall(r"Reconnecting in (\d+\.\d) s", row)
         ]
-        return bool(waits) and waits[-1] >= 1.5
+        return bool(waits) and waits[-1] >= 0.7
 
-    screen.wait(third_try, "two failed attempts")
+    screen.wait(third_try, "a failed attempt")
     rows = screen.screen.rows()
     assert len(waits) == 1, rows  # one status row, replaced at each attempt
     assert not any("lost:" in row for row in rows), rows
@@ -646,7 +646,7 @@ def test_a_hostile_server_cannot_crash_hang_or_repaint_the_client(term):
         assert b"\x1b]0;pwned" not in bytes(screen.raw) and b"\x1b[2J" not in bytes(screen.raw)
         screen.send(b"\x03")
         started = time.monotonic()
-        assert screen.exit_status() == 0
+        assert screen.exit_status() == 0  # after waiting a little for the server to close
         assert time.monotonic() - started < 5
         assert b"Traceback" not in bytes(screen.raw)
     finally:
@@ -1156,3 +1156,58 @@ def test_random_keys_and_arrivals_never_lose_a_message_or_the_line(width, action
         assert not any(region[len(expected) :]), region
         row, col = where[cursor]
         assert (emulator.cursor.y, emulator.cursor.x) == (starts[0] + row, col)
+
+
+def test_a_line_taller_than_the_screen_shows_the_rows_around_the_cursor():
+    editor = editor_with("x" * 100)
+    drawn = editor.render("> ", 10, max_rows=4)
+    assert drawn.count("\r\n") == 3 and editor.cursor_row == 3
+    editor.key("home")
+    drawn = editor.render("> ", 10, max_rows=4)
+    assert drawn.startswith("> xxxxxxxx\r\n") and drawn.count("\r\n") == 3
+    assert drawn.endswith("\x1b[3A\r\x1b[2C") and editor.cursor_row == 0
+
+
+def test_tabs_in_messages_are_expanded_and_other_controls_escaped():
+    formatter = selchat.Formatter(color=False)
+    head, body = formatter.chat("2020-01-01T00:00:00+00:00", "bob", "a\tb\x07c")
+    assert selchat.plain(body) == "a       b\\x07c"
+
+
+def in_process_terminal(width, height, mode="full"):
+    emulator = ModernScreen(width, height)
+    stream = pyte.Stream(emulator)
+    terminal = selchat.Terminal(mode, selchat.LineEditor())
+    terminal.width, terminal.height = width, height
+    terminal.write = stream.feed
+    terminal.prompt = "> "
+    terminal.start()
+    return terminal, emulator
+
+
+def test_ctrl_l_scrolls_the_screen_into_the_scrollback_and_keeps_the_line():
+    terminal, emulator = in_process_terminal(20, 6)
+    for i in range(3):
+        terminal.show(([("", "b: ")], [("", f"m{i}")]))
+    terminal.flush()
+    terminal.editor.insert("typed")
+    terminal.redraw()
+    terminal.clear_screen()
+    assert emulator.display_rows()[0].startswith("> typed")
+    assert [row for row in emulator.rows() if row.startswith("b: ")] == ["b: m0", "b: m1", "b: m2"]
+    assert (emulator.cursor.y, emulator.cursor.x) == (0, 7)
+
+
+def test_a_dumb_terminal_rubs_out_with_backspaces():
+    terminal, emulator = in_process_terminal(20, 6, mode="dumb")
+    terminal.editor.insert("abc")
+    terminal.redraw()
+    terminal.editor.key("backspace")
+    terminal.redraw()
+    terminal.editor.insert("d")
+    terminal.redraw()
+    assert emulator.display_rows()[0].rstrip() == "abd"
+    terminal.editor.key("home")
+    terminal.editor.insert("x")
+    terminal.redraw()  # no cursor movement: the corrected line on a line of its own
+    assert emulator.display_rows()[1].rstrip() == "xabd"
