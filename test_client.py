@@ -1170,7 +1170,7 @@ def test_a_line_taller_than_the_screen_shows_the_rows_around_the_cursor():
 
 def test_tabs_in_messages_are_expanded_and_other_controls_escaped():
     formatter = selchat.Formatter(color=False)
-    head, body = formatter.chat("2020-01-01T00:00:00+00:00", "bob", "a\tb\x07c")
+    _head, body = formatter.chat("2020-01-01T00:00:00+00:00", "bob", "a\tb\x07c")
     assert selchat.plain(body) == "a       b\\x07c"
 
 
