@@ -4109,8 +4109,12 @@ class ChatClient:
             if len(data) < 65536 and not (hasattr(sock, "pending") and sock.pending()):
                 return
 
-    def _notice(self, text: str) -> Message:
+    def _notice(self, text: str, more: bool = False) -> Message:
+        """A service message with the time it arrived (``more``: a line after
+        the first of one, under it)."""
         stamp = "[%s] " % time.strftime("%H:%M:%S") if self.screen.mode != "plain" else ""
+        if more:
+            stamp = " " * len(stamp)
         runs = self.formatter.notice(text, stamp)
         return runs[:-1], runs[-1:]  # wrapped rows continue under the text
 
@@ -4174,8 +4178,8 @@ class ChatClient:
             self.known.pop(name.casefold(), None)
         self.last_notice = text
         lines = split_notice(fold(text)) if self.screen.mode != "plain" else [fold(text)]
-        for line in lines:
-            self.screen.show(self._notice(line))
+        for index, line in enumerate(lines):
+            self.screen.show(self._notice(line, more=index > 0))
         if text == SHUTDOWN_NOTICE:  # nothing more is shown after the goodbye
             self._goodbye()
 
