@@ -3897,17 +3897,18 @@ class ChatClient:
         if not data:
             self.stdin_eof = True
             self._stdin(False)
-            if self.raw or self._partial.strip() == "":
-                self._leave()
-                return
         if self.raw:
-            self._keys(self.keys.feed(data, time.monotonic()))
+            if data:
+                self._keys(self.keys.feed(data, time.monotonic()))
+            else:
+                self._leave()
             return
         text = self._partial + self._line_decoder.decode(data, not data)
         lines = text.split("\n")
-        self._partial = lines.pop() if data else ""
-        if not data and lines[-1:] != [""]:
-            lines.append("")
+        self._partial = lines.pop()  # not ended yet
+        if not data and self._partial:  # the last line, without its newline
+            lines.append(self._partial)
+            self._partial = ""
         for line in lines:
             if self.leaving:
                 return

@@ -36,6 +36,7 @@ from selchat_testkit import (
     needs_pty,
     pexpect,
 )
+from test_hostile import cert, make_cert, tls_args  # noqa: F401 - fixtures used here too
 
 ROWS, COLS = 12, 40
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl
@@ -1211,3 +1212,42 @@ def test_a_dumb_terminal_rubs_out_with_backspaces():
     terminal.editor.insert("x")
     terminal.redraw()  # no cursor movement: the corrected line on a line of its own
     assert emulator.display_rows()[1].rstrip() == "xabd"
+
+
+def test_pipe_mode_sends_a_last_line_without_its_newline(server, connect, piped_client):
+    bob = connect(server.port, "bob", online=1)
+    client = piped_client("--host", "127.0.0.1", "--port", server.port, "--nick", "alice")
+    client.write("first\r\nlast, no newline")
+    client.close_stdin()
+    assert client.wait_exit() == 0
+    assert bob.recv_chat_skipping_notices()[1:] == ("alice", "first")
+    assert bob.recv_chat_skipping_notices()[1:] == ("alice", "last, no newline")
+
+
+@needs_pty
+def test_the_client_rejoins_over_tls_with_its_password_and_typing_goes_on_meanwhile(
+    start_server, term, cert
+):
+    port = free_port()
+    options = (*tls_args(cert), "--password", "sesame")
+    first = start_on(start_server, port, *options)
+    screen = term(port, "alice", "--cafile", str(cert[0]), "--password", "sesame", cols=80)
+    screen.wait_text("Welcome to selchat, alice!")
+    first.proc.kill()
+    screen.wait(lambda: "(reconnecting in" in (prompt_row(screen) or ""), "reconnecting")
+    screen.send(b"typed while away")
+    screen.wait(lambda: "typed while away" in (prompt_row(screen) or ""), "typing goes on")
+    start_on(start_server, port, *options)
+    screen.wait(lambda: (prompt_row(screen) or "").startswith("alice> typed while away"), "back")
+    screen.send(b"\r")
+    screen.wait_text("alice: typed while away")
+
+
+@needs_pty
+def test_a_lone_escape_is_ignored_and_typing_goes_on(server, term):
+    screen = joined_term(term, server, online=1)
+    type_line(screen, "a")
+    screen.send(b"\x1b")
+    screen.settle(0.2)
+    screen.send(b"b")
+    check_region_eventually(screen, "ab", 2)

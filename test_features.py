@@ -667,7 +667,7 @@ def test_seed_protocol_client_gets_only_frames_it_understands(server, join):
 
 
 # ---------------------------------------------------------------------------
-# The client: commands, private messages, actions, mentions, history, readline
+# The client: commands, private messages, actions, mentions, history, the up arrow
 # ---------------------------------------------------------------------------
 
 
@@ -826,7 +826,7 @@ def test_client_recalls_earlier_lines_with_the_up_arrow(server, join, pty_client
     child.expect_exact(b"alice: second line")
     child.expect_exact(b"> ")  # input() is reading again
     child.send(b"\x1b[A\x1b[A")  # up, up: back to the first line
-    child.expect_exact(b"first")  # readline redraws only what differs from "second line"
+    child.expect_exact(b"first line")  # the editor draws the recalled line whole
     child.send(b"\r")
     assert bob.recv_chat()[1:] == ("alice", "first line")
 
@@ -984,7 +984,7 @@ def test_client_with_no_reconnect_exits_one_when_the_connection_is_lost(server, 
 
 
 def test_clients_turned_away_at_once_exit_one_without_a_traceback(server, join, piped_client):
-    # The refusal can arrive before the client's main thread is ready for it.
+    # The refusal can arrive at once, before the client's loop has started.
     join(server.port, "alice")
     clients = [piped_client("--port", server.port, "--nick", "ALICE") for _ in range(6)]
     for client in clients:

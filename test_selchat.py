@@ -1370,9 +1370,9 @@ def test_client_keeps_a_half_typed_line_when_a_message_arrives(server, connect, 
 def test_client_typing_through_a_stream_of_messages_loses_nothing_and_ctrl_c_still_leaves(
     server, connect, pty_client
 ):
-    # Messages land while keys are typed and while readline waits; each is
+    # Messages land while keys are typed and while the client waits; each is
     # printed above the prompt, in order, and the typed text stays whole.
-    # Ctrl+C then leaves at once, however it lands among readline's hooks.
+    # Ctrl+C then leaves at once.
     bob = connect(server.port, "bob", online=1)
     child = pty_client(server.port, "alice")
     child.expect_exact(welcome_text("alice", 2).encode())
