@@ -3661,18 +3661,20 @@ class ChatClient:
                 if self._await_welcome():
                     return True
             except (OSError, ProtocolError) as exc:
-                self._close_socket()
-                if self.last_notice:
-                    break
-                _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
-                self.status = 1
-                return False
+                if not self.last_notice:  # no reason from the server: it is the network's
+                    self._close_socket()
+                    _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
+                    self.status = 1
+                    return False
             self._close_socket()
             if not self.interactive or not self._second_chance():
                 break
         self.status = 1
         if self.last_notice:
-            _fail("connection to %s refused by the server: %s" % (self.where, self.last_notice))
+            _fail(
+                "connection to %s refused by the server: %s"
+                % (self.where, sanitize(self.last_notice))
+            )
         return False
 
     def _second_chance(self) -> bool:
@@ -3811,11 +3813,11 @@ class ChatClient:
         if self.state == "waiting":
             left = self.retry_at - now
             deadlines.append(now + min(left, left - math.floor(left) or 1.0))
-        elif self.state in ("connecting", "joining"):
+        elif self.state in ("connecting", "handshake", "joining"):
             deadlines.append(self.attempt_deadline)
         if self.lines and self.state == "connected" and self.rate:
             deadlines.append(now + max((1.0 - self.tokens) / self.rate, 0.0))
-        if self.leaving and self.shut:
+        if self.leaving and self.leave_deadline:
             deadlines.append(self.leave_deadline)
         if sys.platform == "win32":
             deadlines.append(now + 0.5)
@@ -3828,12 +3830,12 @@ class ChatClient:
             self._keys(self.keys.flush())
         if self.state == "waiting" and now >= self.retry_at:
             self._attempt()
-        elif self.state in ("connecting", "joining") and now >= self.attempt_deadline:
+        elif self.state in ("connecting", "handshake", "joining") and now >= self.attempt_deadline:
             self._attempt_failed(socket.timeout("timed out"))
         self._pump()
         if self.leaving and not self.shut and not self.lines and not self.out:
             self._shut()
-        if self.leaving and self.shut and now >= self.leave_deadline:
+        if self.leaving and self.leave_deadline and now >= self.leave_deadline:
             self._end(0, None)
         self._stdin(not self.leaving and len(self.lines) < 256)
         self._update_prompt()
@@ -3988,11 +3990,13 @@ class ChatClient:
         self.screen.stop()
         if self.state != "connected":
             self._end(0, None)
+        elif self.interactive:  # a person leaving waits this long at most, sent or not
+            self.leave_deadline = time.monotonic() + LEAVE_WAIT
 
     def _shut(self) -> None:
         self.shut = True
-        wait = LEAVE_WAIT if self.interactive else PIPE_LEAVE_WAIT
-        self.leave_deadline = time.monotonic() + wait
+        if not self.leave_deadline:  # pipe mode: once all is sent, for the server to close
+            self.leave_deadline = time.monotonic() + PIPE_LEAVE_WAIT
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except (OSError, AttributeError):
@@ -4195,7 +4199,7 @@ class ChatClient:
                 "the server at %s said goodbye before %s went out"
                 % (self.where, plural(unsent, "line"))
             )
-        self._end(1 if unsent else 0, None)
+        self._end(1 if unsent and not self.interactive else 0, None)
 
     def _unread_lines(self) -> int:
         """Pipe mode: how many lines already waiting on stdin will never be sent."""

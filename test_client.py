@@ -36,7 +36,7 @@ from selchat_testkit import (
     needs_pty,
     pexpect,
 )
-from test_hostile import cert, make_cert, tls_args  # noqa: F401 - fixtures used here too
+from test_hostile import make_cert, tls_args  # noqa: F401 - make_cert: a fixture used here too
 
 ROWS, COLS = 12, 40
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl
@@ -817,7 +817,7 @@ def test_a_huge_message_costs_the_client_well_under_ten_milliseconds():
         rows = selchat.wrap_runs(head + runs, 80, selchat.text_width(selchat.plain(head)))
         best = min(best, time.perf_counter() - started)
     print(f"a {len(payload):,}-byte message costs {best * 1000:.2f} ms")
-    assert best < 0.010, best
+    assert best < (0.010 if sys.gettrace() is None else 0.050), best  # coverage slows it
     words = " ".join(row.strip() for row in rows).split()
     assert words[-3:] == [f"({len(text) - selchat.MAX_SHOWN:,}", "more", "characters)"], words[-4:]
     assert "\x1b[2J" not in "".join(rows)
@@ -1222,6 +1222,11 @@ def test_pipe_mode_sends_a_last_line_without_its_newline(server, connect, piped_
     assert client.wait_exit() == 0
     assert bob.recv_chat_skipping_notices()[1:] == ("alice", "first")
     assert bob.recv_chat_skipping_notices()[1:] == ("alice", "last, no newline")
+
+
+@pytest.fixture
+def cert(make_cert):  # noqa: F811 - the fixture imported above
+    return make_cert("localhost", "DNS:localhost,IP:127.0.0.1")
 
 
 @needs_pty
