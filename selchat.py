@@ -2780,7 +2780,9 @@ def fold(text: str) -> str:
     return text[:MAX_SHOWN] + " \u2026 (%s more characters)" % format(len(text) - MAX_SHOWN, ",")
 
 
-_INVISIBLE = {0x115F, 0x1160, 0x3164, 0xFFA0, 0x2800}
+# Letters and marks that draw nothing (Hangul fillers, Khmer inherent vowels,
+# the braille blank): shown escaped in nicknames, as format characters are.
+_BLANK_LETTERS = frozenset((0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0))
 
 
 def shown_nick(nick: str) -> str:
@@ -2791,7 +2793,7 @@ def shown_nick(nick: str) -> str:
         return nick
     return "".join(
         "\\u%04x" % ord(char)
-        if ord(char) in _INVISIBLE
+        if ord(char) in _BLANK_LETTERS
         or unicodedata.category(char) in ("Cf", "Mn", "Me", "Zs", "Zl", "Zp", "Co", "Cn")
         else char
         for char in nick
@@ -3343,8 +3345,8 @@ class Terminal:
             pass
 
     def _rows(self, runs: Runs, indent: int = 0) -> list[str]:
-        if self.mode != "full":
-            return [plain(runs) if not any(style for style, _ in runs) else _styled(runs)]
+        if self.mode != "full":  # the terminal wraps (or it is a file)
+            return ["".join(style + text + RESET if style else text for style, text in runs)]
         return wrap_runs(runs, self.width, indent)
 
     def show(self, message: Message, bell: bool = False) -> None:
@@ -3454,10 +3456,6 @@ class Terminal:
             self.write("\r\n")
             self._echoed = ""
         self.active = False
-
-
-def _styled(runs: Runs) -> str:
-    return "".join(style + text + RESET if style else text for style, text in runs)
 
 
 def history_path() -> str | None:
