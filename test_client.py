@@ -1256,3 +1256,17 @@ def test_a_lone_escape_is_ignored_and_typing_goes_on(server, term):
     screen.settle(0.2)
     screen.send(b"b")
     check_region_eventually(screen, "ab", 2)
+
+
+def test_the_windows_console_path_reads_lines_through_a_socket_pair(monkeypatch):
+    # Not run on Windows: this runs the same thread and socket pair on Linux.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("héllo\nworld\n"))
+    client = selchat.ChatClient("127.0.0.1", 9, "alice", color=False, interactive=True)
+    client._start_console()
+    received = b""
+    client._console.settimeout(TIMEOUT)
+    while not received.endswith(b"world\n"):
+        received += client._console.recv(100)
+    assert received == "héllo\nworld\n".encode()
+    assert client._console.recv(100) == b""  # the thread closed its end at the end of input
+    client._console.close()
