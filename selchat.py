@@ -3560,7 +3560,8 @@ class ChatClient:
         self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
         self._early: list[bytes] = []  # frames read with the welcome
         self.selector: selectors.BaseSelector | None = None
-        self.state = "connected"  # joining, connecting, waiting (to reconnect), closed
+        # connected; after a loss: waiting (to reconnect), connecting, handshake (TLS), joining
+        self.state = "connected"
         self.joined = False  # welcomed at least once
         self.welcomed = False  # welcomed on the current connection
         self.replaying = False  # between the history markers
@@ -4332,10 +4333,9 @@ class ChatClient:
         sock.close()
 
     def _update_prompt(self) -> None:
+        """Your nickname and the state of the connection, drawn in place."""
         state = self.state
-        if self.leaving or state == "closed":
-            label = " (disconnected)"
-        elif state == "waiting":
+        if state == "waiting":
             label = " (reconnecting in %d s)" % math.ceil(max(self.retry_at - time.monotonic(), 0))
         elif state != "connected":
             label = " (connecting)"
