@@ -824,7 +824,7 @@ def test_client_recalls_earlier_lines_with_the_up_arrow(server, join, pty_client
     child.sendline(b"second line")
     assert bob.recv_chat()[1:] == ("alice", "second line")
     child.expect_exact(b"alice: second line")
-    child.expect_exact(b"> ")  # input() is reading again
+    child.expect_exact(b"> ")  # the prompt is back
     child.send(b"\x1b[A\x1b[A")  # up, up: back to the first line
     child.expect_exact(b"first line")  # the editor draws the recalled line whole
     child.send(b"\r")
