@@ -3417,6 +3417,7 @@ class Terminal:
             return
         clear = self.editor.clear() if self.active else ""
         self.measure()
+        self.status_rows = 0  # its rows may have changed: the next status goes below it
         if self.active:
             self.write(clear + self._region())
 
@@ -3640,12 +3641,17 @@ class ChatClient:
         """Show what comes until the welcome (True) or the server closes (False)."""
         sock = self.sock
         frames, self._early = self._early, []
+        deadline = time.monotonic() + CONNECT_TIMEOUT  # a server that trickles is no welcome
         while True:
             for index, payload in enumerate(frames):
                 self._on_payload(payload)
                 if self.welcomed:
                     self._early = frames[index + 1 :]
                     return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
             data = sock.recv(65536)
             if not data:
                 return False
