@@ -627,6 +627,9 @@ class HostileServer:
         conn.sendall(frame(b"--- end of earlier messages ---"))
         conn.sendall(frame("+99999-01-01T00:00:00Z\0\u202emallory\u200b\0odd time".encode()))
         conn.sendall(b"209715200 " + b"x" * 100_000)  # 200 MB announced, never all sent
+        while conn.recv(65536):  # until the client leaves
+            pass
+        conn.close()
 
     def close(self):
         for conn in self.conns:
