@@ -2625,6 +2625,7 @@ class SharedChatServer(ChatServer):
 MAX_SHOWN = 2000  # characters of one message drawn; past it the rest is only counted
 ESCAPE_WAIT = 0.05  # a lone ESC with nothing after it for this long is just ESC
 HISTORY_KEPT = 1000  # lines kept in the history file
+MAX_PACE = 10.0  # seconds a line may wait for the server's rate limit, whatever it says
 LEAVE_WAIT = 2.0  # seconds a leaving terminal client waits for the server to close
 PIPE_LEAVE_WAIT = 5.0
 ZWJ = "\u200d"
@@ -4011,12 +4012,18 @@ class ChatClient:
 
     def _learn_limit(self, welcome: str) -> None:
         match = re.search(r"Limit: ([0-9.]+) messages a second, bursts of ([0-9]+)", welcome)
-        if match:
-            # A little under the server's figures, for the clocks' sake.
-            self.rate = float(match.group(1)) * 0.9
-            self.burst = max(float(match.group(2)) * 0.9, 1.0)
-            self.tokens = self.burst
-            self.token_time = time.monotonic()
+        if not match:
+            return
+        try:
+            rate, burst = float(match.group(1)), float(match.group(2))
+        except ValueError:  # "1.2.3": a server that cannot count gets no pacing
+            return
+        # A little under the server's figures, for the clocks' sake; and never
+        # so slow that a line waits for more than MAX_PACE seconds.
+        self.rate = max(rate * 0.9, 1.0 / MAX_PACE) if rate else 0.0
+        self.burst = min(max(burst * 0.9, 1.0), 1e6)
+        self.tokens = self.burst
+        self.token_time = time.monotonic()
 
     def _pump(self) -> None:
         """Frame the lines the server's rate allows now (a paste or a piped

@@ -1273,3 +1273,19 @@ def test_the_windows_console_path_reads_lines_through_a_socket_pair(monkeypatch)
     assert received == "héllo\nworld\n".encode()
     assert client._console.recv(100) == b""  # the thread closed its end at the end of input
     client._console.close()
+
+
+@pytest.mark.parametrize(
+    "welcome, rate, burst",
+    [
+        ("Welcome! Limit: 100 messages a second, bursts of 1000.", 90.0, 900.0),
+        ("Welcome! Limit: 1.2.3 messages a second, bursts of 5.", 0.0, 1.0),
+        ("Welcome! Limit: 0.0000001 messages a second, bursts of 0.", 0.1, 1.0),
+        ("Welcome! Limit: 0 messages a second, bursts of 99999999999.", 0.0, 1e6),
+        ("Welcome!", 0.0, 1.0),
+    ],
+)
+def test_the_client_learns_the_servers_rate_from_the_welcome_within_reason(welcome, rate, burst):
+    client = selchat.ChatClient("127.0.0.1", 9, "alice", color=False, interactive=False)
+    client._learn_limit(welcome)
+    assert (client.rate, client.burst) == pytest.approx((rate, burst))
