@@ -3057,6 +3057,7 @@ class LineEditor:
         self.history: list[str] = history if history is not None else []
         self.browse = len(self.history)  # the history entry shown, len() for the draft
         self.draft = ""
+        self.added = False  # the last line accepted went into the history
         self.search: str | None = None  # the reverse search's query, while searching
         self.found = -1  # the history entry the search shows
         self.before_search = ("", 0)
@@ -3161,7 +3162,8 @@ class LineEditor:
     def accept(self) -> str:
         """The line is done: it goes into the history and the editor is empty."""
         line = self.text
-        if line.strip() and (not self.history or self.history[-1] != line):
+        self.added = bool(line.strip()) and (not self.history or self.history[-1] != line)
+        if self.added:
             self.history.append(line)
             del self.history[:-HISTORY_KEPT]
         self.text, self.pos, self.draft = "", 0, ""
@@ -3473,26 +3475,42 @@ def history_path() -> str | None:
 
 
 def load_history(path: str | None) -> list[str]:
+    """The last HISTORY_KEPT lines of the history file; a file grown to twice
+    that is cut back to them."""
     if path is None:
         return []
     try:
         with open(path, encoding="utf-8", errors="replace") as file:
-            return [line.rstrip("\n") for line in file][-HISTORY_KEPT:]
+            lines = [line.rstrip("\n") for line in file]
     except OSError:
         return []
+    if len(lines) > 2 * HISTORY_KEPT:
+        _write_history(path, lines[-HISTORY_KEPT:])
+    return lines[-HISTORY_KEPT:]
 
 
-def save_history(path: str | None, lines: list[str]) -> None:
+def _write_history(path: str, lines: list[str]) -> None:
+    try:
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8", errors="replace") as file:
+            file.writelines(line + "\n" for line in lines)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+
+
+def remember(path: str | None, line: str) -> None:
+    """Add a line to the history file at once: several clients at a time each
+    add theirs, and a client that is killed has kept what it sent."""
     if path is None:
         return
     try:
         folder = os.path.dirname(path)
         if folder:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with open(fd, "w", encoding="utf-8", errors="replace") as file:
-            file.writelines(line + "\n" for line in lines[-HISTORY_KEPT:])
-        os.replace(path + ".tmp", path)
+            file.write(line + "\n")
     except OSError:
         pass
 
@@ -3796,8 +3814,6 @@ class ChatClient:
         if self.saved_terminal is not None:
             _restore_terminal(self.saved_terminal)
             self.saved_terminal = None
-        if self.screen.mode != "plain":
-            save_history(self.history_file, self.editor.history)
         try:
             signal.set_wakeup_fd(-1)
             for number, handler in self._old_handlers.items():
@@ -3953,7 +3969,7 @@ class ChatClient:
                 line = editor.key(value)
                 if line is not None:
                     self.screen.line_done()
-                    self._submit(line)
+                    self._entered(line)
                     continue
             self.screen.redraw()
 
@@ -3967,10 +3983,17 @@ class ChatClient:
         self.editor.insert(lines[0])
         first = self.editor.accept()
         self.screen.line_done()
-        for line in [first, *lines[1:-1]]:
+        self._entered(first)
+        for line in lines[1:-1]:
             self._submit(line)
         self.editor.insert(lines[-1])
         self.screen.redraw()
+
+    def _entered(self, line: str) -> None:
+        """A line entered at the keyboard: into the history file, then sent."""
+        if self.editor.added:
+            remember(self.history_file, line)
+        self._submit(line)
 
     def _submit(self, line: str) -> None:
         """A line typed (or read): leave, or send it when connected."""

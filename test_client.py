@@ -1289,3 +1289,29 @@ def test_the_client_learns_the_servers_rate_from_the_welcome_within_reason(welco
     client = selchat.ChatClient("127.0.0.1", 9, "alice", color=False, interactive=False)
     client._learn_limit(welcome)
     assert (client.rate, client.burst) == pytest.approx((rate, burst))
+
+
+def test_the_history_file_takes_each_line_at_once_and_is_cut_back_when_long(tmp_path):
+    path = str(tmp_path / "state" / "selchat" / "history")
+    selchat.remember(path, "from one client")
+    selchat.remember(path, "from another")
+    assert selchat.load_history(path) == ["from one client", "from another"]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    for i in range(2 * selchat.HISTORY_KEPT + 1):
+        selchat.remember(path, f"line {i}")
+    kept = selchat.load_history(path)
+    assert len(kept) == selchat.HISTORY_KEPT and kept[-1] == f"line {2 * selchat.HISTORY_KEPT}"
+    with open(path) as file:
+        assert len(file.readlines()) == selchat.HISTORY_KEPT
+    assert selchat.load_history(None) == [] and selchat.load_history(path + ".none") == []
+
+
+def test_the_history_file_is_where_the_environment_says(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELCHAT_HISTORY", "")
+    assert selchat.history_path() is None
+    monkeypatch.delenv("SELCHAT_HISTORY")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert selchat.history_path() == str(tmp_path / "selchat" / "history")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert selchat.history_path() == str(tmp_path / ".local" / "state" / "selchat" / "history")
