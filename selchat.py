@@ -2632,7 +2632,8 @@ ZWJ = "\u200d"
 VS16 = "\ufe0f"
 OWN_STYLE = "\x1b[1;4m"  # bold and underlined: your own nickname on your own messages
 COMMAND_NAMES = ("/help", "/who", "/msg", "/nick", "/me", "/quit", "/exit")
-WHO_ANSWER = re.compile(r"(\d+ users? online): (.+)\Z", re.S)
+# "3 users online: a (joined 5 s ago), ..." (or "... online whose nickname starts with a: ...")
+WHO_ANSWER = re.compile(r"(\d+ users? online(?: whose nickname starts with [^:]*)?): (.+)\Z", re.S)
 
 
 def _nick_colors_256() -> tuple[str, ...]:
@@ -2864,12 +2865,29 @@ class Formatter:
         return runs
 
 
+def _who_items(listing: str) -> list[str]:
+    """The entries of a /who answer: split at the commas outside parentheses
+    (a shared room's entries say ``alice (on chat1:9009, joined 5 s ago)``)."""
+    items: list[str] = []
+    depth = start = 0
+    for index, char in enumerate(listing):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(depth - 1, 0)
+        elif char == "," and not depth and listing.startswith(", ", index):
+            items.append(listing[start:index])
+            start = index + 2
+    items.append(listing[start:])
+    return items
+
+
 def split_notice(text: str) -> list[str]:
     """The lines a service message is shown as: the answers to /who and /help
     one item a line."""
     match = WHO_ANSWER.match(text)
     if match:
-        return [match.group(1) + ":"] + ["  " + item for item in match.group(2).split(", ")]
+        return [match.group(1) + ":"] + ["  " + item for item in _who_items(match.group(2))]
     if text.startswith("Commands: ") and ". Start a message" in text:
         usage, _, rest = text[len("Commands: ") :].partition(". Start a message")
         items = ["  " + item for item in usage.split("; ")]
@@ -2881,7 +2899,9 @@ def names_in_notice(text: str) -> tuple[list[str], list[str]]:
     """(nicknames that arrived, nicknames that left) in a service message."""
     match = WHO_ANSWER.match(text)
     if match:
-        return [item.split(" ", 1)[0] for item in match.group(2).split(", ")], []
+        items = _who_items(match.group(2))
+        found = (re.match(r"(\S+) \((?:on [^()]*, )?joined ", item) for item in items)
+        return [each.group(1) for each in found if each], []
     for verb in (" joined the chat (", " left the chat ("):
         if verb in text:
             names = re.split(r", | and ", text.split(verb, 1)[0])

@@ -1315,3 +1315,29 @@ def test_the_history_file_is_where_the_environment_says(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert selchat.history_path() == str(tmp_path / ".local" / "state" / "selchat" / "history")
+
+
+def test_who_answers_of_a_shared_room_or_a_large_one_are_split_at_the_right_commas():
+    shared = (
+        "2 users online: alice (on chat1:9009, joined 5 min ago), "
+        "bob (on chat2:9009, joined 1 s ago)"
+    )
+    assert selchat.split_notice(shared) == [
+        "2 users online:",
+        "  alice (on chat1:9009, joined 5 min ago)",
+        "  bob (on chat2:9009, joined 1 s ago)",
+    ]
+    assert selchat.names_in_notice(shared) == (["alice", "bob"], [])
+    large = (
+        "120 users online whose nickname starts with al: al (joined 1 s ago), "
+        "alice (joined 2 s ago), and 118 more (/who NAME lists those whose nickname "
+        "starts with NAME)"
+    )
+    assert selchat.split_notice(large) == [
+        "120 users online whose nickname starts with al:",
+        "  al (joined 1 s ago)",
+        "  alice (joined 2 s ago)",
+        "  and 118 more (/who NAME lists those whose nickname starts with NAME)",
+    ]
+    assert selchat.names_in_notice(large) == (["al", "alice"], [])
+    assert selchat.split_notice("0 users online") == ["0 users online"]
