@@ -72,6 +72,7 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+import math
 import os
 import random
 import re
@@ -84,7 +85,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, List, Sequence, Tuple, TypeVar
 
 __version__ = "1.0.0"
 
@@ -441,10 +442,11 @@ def sanitize(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def nick_color(nick: str) -> str:
-    """An SGR colour for ``nick``: the same on every machine, never red."""
-    digest = zlib.crc32(nick.encode("utf-8", "surrogatepass"))
-    return NICK_COLORS[digest % len(NICK_COLORS)]
+def nick_color(nick: str, palette: Sequence[str] = NICK_COLORS) -> str:
+    """An SGR colour for ``nick``: the same on every machine, never red, and
+    the same whatever its case (a rename that changes only the case keeps it)."""
+    digest = zlib.crc32(nick.casefold().encode("utf-8", "surrogatepass"))
+    return palette[digest % len(palette)]
 
 
 # Characters that draw nothing or look like a blank, though Unicode does not
@@ -3583,276 +3585,954 @@ class SharedChatServer(ChatServer):
 # ---------------------------------------------------------------------------
 
 
-class Screen:
-    """All output of the client goes through here: it knows whether the prompt
-    (and a half-typed line) is showing, and draws it again below a new message.
+# The client runs in one thread: one selector loop over the socket, the
+# keyboard (the terminal in raw mode) and a socket pair that signals write to
+# (SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGTSTP, SIGCONT), as smallchat's client
+# does with select(). Its line editor draws the prompt and the typed text
+# itself, so it always knows which rows they occupy and where the cursor is:
+# to print a message it clears exactly those rows, prints, and draws them
+# again. Nothing else writes to the terminal.
 
-    The main thread waits in readline's input() while the receiver thread
-    receives. The prompt counts as showing only once readline has drawn it (its
-    pre-input hook says so); a message printed while it is not showing is
-    printed on a cleared line, and the hook then draws the prompt again.
+MAX_SHOWN = 2000  # characters of one message drawn; past it the rest is only counted
+ESCAPE_WAIT = 0.05  # a lone ESC with nothing after it for this long is just ESC
+HISTORY_KEPT = 1000  # lines kept in the history file
+MAX_PACE = 10.0  # seconds a line may wait for the server's rate limit, whatever it says
+LEAVE_WAIT = 2.0  # seconds a leaving terminal client waits for the server to close
+PIPE_LEAVE_WAIT = 5.0
+ZWJ = "\u200d"
+VS16 = "\ufe0f"
+OWN_STYLE = "\x1b[1;4m"  # bold and underlined: your own nickname on your own messages
+COMMAND_NAMES = ("/help", "/who", "/msg", "/nick", "/me", "/quit", "/exit")
+# "3 users online: a (joined 5 s ago), ..." (or "... online whose nickname starts with a: ...")
+WHO_ANSWER = re.compile(r"(\d+ users? online(?: whose nickname starts with [^:]*)?): (.+)\Z", re.S)
 
-    While the prompt shows, readline owns the terminal and its C state is not
-    thread-safe: the receiver thread then only hands its lines over, and the
-    main thread prints them between two keystrokes, from readline's input
-    hook (PyOS_InputHook, called at least every 0.1 s while readline waits).
-    A signal handled inside a hook would be swallowed there (readline and
-    ctypes ignore a hook's exceptions): ``defer()`` sends it again for the
-    plain wait that follows, with the input hook taken down until the next
-    prompt.
-    """
 
-    PROMPT = "> "
+def _nick_colors_256() -> tuple[str, ...]:
+    """Colours of the 256-colour cube that read on dark and light themes and
+    are not red: none too dark, none too pale, none where red leads."""
+    colours = []
+    for red, green, blue in itertools.product(range(6), repeat=3):
+        if red > max(green, blue) or not 4 <= red + green + blue <= 11:
+            continue
+        if min(red, green, blue) >= 3 or max(red, green, blue) < 2:
+            continue
+        colours.append("38;5;%d" % (16 + 36 * red + 6 * green + blue))
+    return tuple(colours)
 
-    def __init__(self, color: bool, interactive: bool) -> None:
-        self.color = color
-        self.interactive = interactive
-        self.prompt_showing = False
-        self.lock = threading.Lock()
-        self.readline: Any = None
-        self._redraw: Callable[[], Any] | None = None
-        self._printed = 0  # messages printed while the prompt was not showing
-        self.in_hook = False  # readline's pre-input hook is running
-        self._printed_before_input = 0
-        self._held: list[str] = []  # lines for the main thread to print above the prompt
-        self._hook_slot: Any = None  # PyOS_InputHook, when we could reach it
-        self._hook_function: Any = None  # our hook, as a C function pointer (kept alive)
-        self._hook_codes = {self._input_hook.__code__, self._prompt_drawn.__code__}
-        if interactive:
-            try:
-                import readline  # POSIX: line editing and history
 
-                self.readline = readline
-            except ImportError:
-                return
-            readline.set_pre_input_hook(self._prompt_drawn)
-            # readline.redisplay() only repaints what changed, which after our
-            # message is nothing; rl_forced_update_display() repaints the prompt
-            # and the typed text on the new line with the cursor where it was.
-            try:
-                import ctypes
+NICK_COLORS_256 = _nick_colors_256()
 
-                self._redraw = ctypes.CDLL(readline.__file__).rl_forced_update_display
-                self._hook_function = ctypes.CFUNCTYPE(ctypes.c_int)(self._input_hook)
-                self._hook_slot = ctypes.c_void_p.in_dll(ctypes.pythonapi, "PyOS_InputHook")
-            except Exception:  # noqa: BLE001 - no ctypes, or a readline without that function
-                self._hook_slot = None
 
-    def _set_input_hook(self, on: bool) -> None:
-        if self._hook_slot is not None:
-            import ctypes
+# -- widths ---------------------------------------------------------------
 
-            self._hook_slot.value = (
-                ctypes.cast(self._hook_function, ctypes.c_void_p).value if on else None
-            )
 
-    @property
-    def hooked(self) -> bool:
-        """Whether the main thread prints what arrives while the prompt shows."""
-        return self._hook_slot is not None
-
-    def _input_hook(self) -> int:
-        # Called by readline in the main thread, between keystrokes.
-        try:
-            if self._held:
-                with self.lock:
-                    if self._held and self.prompt_showing:
-                        held, self._held = self._held, []
-                        self._above_prompt("\n".join(held))
-                        self._flush()
-        except Exception:  # noqa: BLE001 - an exception here would only be printed by ctypes
-            pass
+def char_width(char: str) -> int:
+    """Columns a terminal gives one character drawn alone: 2 for East Asian
+    wide and fullwidth, 0 for combining marks, format characters (ZWJ,
+    variation selectors) and controls, else 1."""
+    code = ord(char)
+    if 0x20 <= code < 0x7F:
+        return 1
+    if code == 0xAD:  # the soft hyphen: terminals draw it
+        return 1
+    category = unicodedata.category(char)
+    if category in ("Mn", "Me", "Cf", "Cc") or 0x1160 <= code <= 0x11FF:
         return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
 
-    def defer(self, signum: int, frame: Any) -> bool:
-        """In a signal handler: True when the main thread is inside a readline
-        hook, where raising is useless; the signal is then sent again shortly,
-        for readline's next wait, which handles it properly."""
-        depth = 0
-        while frame is not None and depth < 32:
-            if frame.f_code in self._hook_codes:
-                break
-            frame = frame.f_back
-            depth += 1
+
+def _emoji_like(char: str) -> bool:
+    return unicodedata.category(char) == "So" or char_width(char) == 2
+
+
+def clusters(text: str) -> list[str]:
+    """``text`` cut where a terminal draws one glyph: a character with the
+    zero-width ones after it, an emoji ZWJ sequence, an emoji with its skin
+    tone, two regional indicators (a flag)."""
+    if text.isascii():
+        return list(text)
+    out: list[str] = []
+    after_zwj = False
+    open_flag = False  # the last cluster is one regional indicator
+    for char in text:
+        code = ord(char)
+        regional = 0x1F1E6 <= code <= 0x1F1FF
+        if out and (
+            (code >= 0x300 and char_width(char) == 0)
+            or 0x1F3FB <= code <= 0x1F3FF  # skin tones
+            or (after_zwj and _emoji_like(char))
+            or (open_flag and regional)
+        ):
+            out[-1] += char
+            open_flag = False
         else:
-            return False
-        self._set_input_hook(False)  # the next wait is a plain select(): no hook to land in
-        main = threading.main_thread().ident
-        timer = threading.Timer(0.02, _signal_thread, (main, signum))
-        timer.daemon = True
-        timer.start()
-        return True
+            out.append(char)
+            open_flag = regional
+        after_zwj = char == ZWJ
+    return out
 
-    def close(self) -> None:
-        self._set_input_hook(False)
 
-    def before_input(self) -> None:
-        with self.lock:
-            if self._held:  # handed over after the last prompt went: plain lines now
-                held, self._held = self._held, []
-                self._printed += len(held)
-                self._write("\r\x1b[K" + "\n".join(held) + "\n")
-            self._printed_before_input = self._printed
-            if self.readline is None:  # no hook will tell us: assume it is drawn
-                self.prompt_showing = True
-        self._set_input_hook(True)
+def cluster_width(cluster: str) -> int:
+    """Columns of one cluster: an emoji presentation sequence is one wide glyph."""
+    if len(cluster) == 1:
+        return char_width(cluster)
+    base = cluster[0]
+    if (_emoji_like(base) or 0x1F1E6 <= ord(base) <= 0x1F1FF) and (
+        VS16 in cluster
+        or ZWJ in cluster
+        or any(0x1F3FB <= ord(c) <= 0x1F3FF or 0x1F1E6 <= ord(c) <= 0x1F1FF for c in cluster[1:])
+    ):
+        return 2
+    return sum(char_width(char) for char in cluster)
 
-    def after_input(self) -> None:
-        with self.lock:
-            self.prompt_showing = False
 
-    def _prompt_drawn(self) -> None:
-        self.in_hook = True  # readline swallows exceptions raised in its hooks
-        try:
-            with self.lock:
-                self.prompt_showing = True
-                if self._printed != self._printed_before_input:
-                    # A message came between input() drawing the prompt and
-                    # now, and its line was cleared: draw the prompt again.
-                    self._draw_prompt("")
-                    self._flush()
-        finally:
-            self.in_hook = False
+def text_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal (no controls in it: sanitise first)."""
+    if text.isascii() and text.isprintable():
+        return len(text)
+    return sum(cluster_width(cluster) for cluster in clusters(text))
 
-    def _draw_prompt(self, typed: str) -> None:
-        if self._redraw is not None:
-            self._flush()
-            self._redraw()
-        else:  # the cursor lands after the text, where it mostly is
-            sys.stdout.write(self.PROMPT + typed)
 
-    @staticmethod
-    def _flush() -> None:
-        try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
+def _boundaries(text: str) -> list[int]:
+    """Indexes in ``text`` where a cluster starts, and its length."""
+    bounds = [0]
+    for cluster in clusters(text):
+        bounds.append(bounds[-1] + len(cluster))
+    return bounds
 
-    def chat_line(
-        self, stamp: str, field: str, text: str, mentions: Sequence[tuple[int, int]] = ()
-    ) -> str:
-        """``[time] nick: text``, ``[time] * nick action`` or
-        ``[time] [private] sender -> receiver: text``, with ``mentions`` (spans of
-        ``text``) highlighted."""
-        kind, nick, other = read_nick_field(field)
-        shown = self._text(text, mentions)
-        if kind == "action":
-            return "[%s] %s %s %s" % (format_time(stamp), ACTION_MARK, self._nick(nick), shown)
-        if kind == "private":
-            mark = PRIVATE_STYLE + PRIVATE_MARK + RESET if self.color else PRIVATE_MARK
-            return "[%s] %s %s -> %s: %s" % (
-                format_time(stamp),
-                mark,
-                self._nick(nick),
-                self._nick(other),
-                shown,
-            )
-        return "[%s] %s: %s" % (format_time(stamp), self._nick(nick), shown)
 
-    def _nick(self, nick: str) -> str:
-        if self.color:
-            return "\x1b[%sm%s%s" % (nick_color(nick), sanitize(nick), RESET)
-        return sanitize(nick)
+Runs = List[Tuple[str, str]]  # (SGR style or "", text) pieces of one line
 
-    def _text(self, text: str, mentions: Sequence[tuple[int, int]]) -> str:
-        if not self.color or not mentions:
-            return sanitize(text)
-        pieces = []
-        done = 0
-        for start, stop in mentions:  # sanitised piece by piece: escapes never match
-            pieces += [sanitize(text[done:start]), MENTION_STYLE, sanitize(text[start:stop]), RESET]
-            done = stop
-        pieces.append(sanitize(text[done:]))
-        return "".join(pieces)
 
-    def service_line(self, text: str) -> str:
-        text = sanitize(text)
-        return BOLD_RED + text + RESET if self.color else text
-
-    def show(self, line: str, typed: str | None = None, bell: bool = False) -> None:
-        """Print a line; ``typed`` is the user's own line the terminal echoed,
-        which the formatted copy replaces; ``bell`` rings the terminal bell."""
-        if bell:
-            line += BELL
-        with self.lock:
-            try:
-                if not self.interactive:
-                    sys.stdout.write(line + "\n")
-                    sys.stdout.flush()
-                    return
-                if (
-                    self.prompt_showing
-                    and self.hooked
-                    and threading.current_thread() is not threading.main_thread()
-                ):
-                    self._held.append(line)  # printed by the main thread
-                    return
-                if self._held:  # what was handed over comes first
-                    line = "\n".join([*self._held, line])
-                    self._held = []
-                if typed is not None:
-                    rows = _rows(len(self.PROMPT) + _width(typed))
-                    sys.stdout.write("\x1b[%dA\r\x1b[J%s\n" % (rows, line))
-                elif self.prompt_showing:
-                    self._above_prompt(line)
+def wrap_runs(runs: Runs, width: int, indent: int = 0) -> list[str]:
+    """Rows of at most ``width`` columns, broken after a space where one is
+    near; rows after the first start with ``indent`` spaces (a hanging
+    indent), so that no text reaches column 0 but the line's own start."""
+    width = max(width, 2)
+    indent = min(indent, width // 2)
+    rows: list[str] = []
+    row: list[str] = []
+    col = 0
+    for style, text in runs:
+        if style:
+            row.append(style)
+        space_at = space_col = -1  # where the row may break, in this run
+        for cluster in clusters(text):
+            cols = cluster_width(cluster)
+            if col + cols > width and col > indent:
+                tail: list[str] = []
+                if space_at >= 0 and indent + col - space_col + cols <= width:
+                    tail, row = row[space_at:], row[:space_at]
+                    col -= space_col
                 else:
-                    self._printed += 1
-                    sys.stdout.write("\r\x1b[K" + line + "\n")
-                sys.stdout.flush()
-            except (OSError, ValueError):  # stdout closed (for example `| head`)
-                pass
-
-    def _above_prompt(self, text: str) -> None:
-        """Clear the prompt line(s), print text above, redraw prompt and typed text."""
-        typed = self.readline.get_line_buffer() if self.readline else ""
-        rows = _rows(len(self.PROMPT) + _width(typed or ""))
-        up = "\x1b[%dA" % (rows - 1) if rows > 1 else ""
-        sys.stdout.write("\r" + up + "\x1b[J" + text + "\n")
-        self._draw_prompt(typed or "")
-
-    @staticmethod
-    def _write(text: str) -> None:
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
-
-    def clear_prompt(self) -> None:
-        self._set_input_hook(False)
-        with self.lock:
-            self.prompt_showing = False
-            if not self.interactive:  # no cursor control: nothing was drawn
-                return
-            held, self._held = self._held, []
-            self._write("\r\x1b[K" + "".join(line + "\n" for line in held))
+                    col = 0
+                if style:
+                    row.append(RESET)
+                rows.append("".join(row))
+                row = [" " * indent, style, *tail] if style else [" " * indent, *tail]
+                col += indent
+                space_at = -1
+            row.append(cluster)
+            col += cols
+            if cluster == " ":
+                space_at, space_col = len(row), col
+        if style:
+            row.append(RESET)
+    rows.append("".join(row))
+    return rows
 
 
-def _signal_thread(ident: int | None, signum: int) -> None:
-    if ident is not None and hasattr(signal, "pthread_kill"):
-        try:
-            signal.pthread_kill(ident, signum)
-        except (OSError, ValueError):  # the main thread has gone
-            pass
+def plain(runs: Runs) -> str:
+    return "".join(text for _, text in runs)
 
 
-def _width(text: str) -> int:
-    return sum(
-        2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
-        for c in text
+def fold(text: str) -> str:
+    """At most MAX_SHOWN characters of a message, and how many more there were."""
+    if len(text) <= MAX_SHOWN:
+        return text
+    return text[:MAX_SHOWN] + " \u2026 (%s more characters)" % format(len(text) - MAX_SHOWN, ",")
+
+
+# Letters and marks that draw nothing (Hangul fillers, Khmer inherent vowels,
+# the braille blank): shown escaped in nicknames, as format characters are.
+_BLANK_LETTERS = frozenset((0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0))
+
+
+def shown_nick(nick: str) -> str:
+    """A nickname as shown: sanitised, and invisible characters escaped too,
+    so that two nicknames that look alike can be told apart."""
+    nick = sanitize(fold(nick))
+    if nick.isascii():
+        return nick
+    return "".join(
+        "\\u%04x" % ord(char)
+        if ord(char) in _BLANK_LETTERS
+        or unicodedata.category(char) in ("Cf", "Mn", "Me", "Zs", "Zl", "Zp", "Co", "Cn")
+        else char
+        for char in nick
     )
 
 
-def _rows(columns: int) -> int:
-    width = max(os.get_terminal_size(sys.stdout.fileno()).columns, 1) if sys.stdout.isatty() else 80
-    return max(1, (columns + width - 1) // width) if columns else 1
+def shown_text(text: str) -> str:
+    """Message text as shown: tabs expanded, every other control escaped."""
+    if "\t" in text:
+        text = text.expandtabs(8)
+    return sanitize(text)
+
+
+class Formatter:
+    """Turns messages into styled runs: ``[time] nick: text`` and the rest."""
+
+    def __init__(self, color: bool, palette: Sequence[str] = NICK_COLORS) -> None:
+        self.color = color
+        self.palette = palette
+
+    def nick(self, nick: str, own: bool = False) -> Runs:
+        shown = shown_nick(nick)
+        if not self.color:
+            return [("", shown)]
+        style = "\x1b[%sm" % nick_color(nick, self.palette)
+        return [(style + OWN_STYLE if own else style, shown)]
+
+    def text(self, text: str, mentions: Sequence[tuple[int, int]] = ()) -> Runs:
+        if not self.color or not mentions:
+            return [("", shown_text(text))]
+        runs: Runs = []
+        done = 0
+        for start, stop in mentions:  # sanitised piece by piece: escapes never match
+            runs.append(("", shown_text(text[done:start])))
+            runs.append((MENTION_STYLE, shown_text(text[start:stop])))
+            done = stop
+        runs.append(("", shown_text(text[done:])))
+        return runs
+
+    def chat(
+        self,
+        stamp: str,
+        field: str,
+        text: str,
+        mentions: Sequence[tuple[int, int]] = (),
+        own: bool = False,
+    ) -> tuple[Runs, Runs]:
+        """(head, body) of ``[time] nick: text``, ``[time] * nick action`` or
+        ``[time] [private] sender -> receiver: text``; wrapped rows of the body
+        continue under its first column."""
+        kind, nick, other = read_nick_field(field)
+        when = "[%s] " % format_time(stamp)
+        body = self.text(text, mentions)
+        if kind == "action":
+            return [("", when + ACTION_MARK + " "), *self.nick(nick), ("", " ")], body
+        if kind == "private":
+            mark = (PRIVATE_STYLE if self.color else "", PRIVATE_MARK)
+            head = [("", when), mark, ("", " "), *self.nick(nick), ("", " -> ")]
+            return [*head, *self.nick(other), ("", ": ")], body
+        return [("", when), *self.nick(nick, own), ("", ": ")], body
+
+    def notice(self, text: str, stamp: str = "") -> Runs:
+        """A service message, bold red, after the time it arrived when ``stamp``."""
+        shown = shown_text(text)
+        runs: Runs = [("", stamp)] if stamp else []
+        runs.append((BOLD_RED if self.color else "", shown))
+        return runs
+
+
+def _who_items(listing: str) -> list[str]:
+    """The entries of a /who answer: split at the commas outside parentheses
+    (a shared room's entries say ``alice (on chat1:9009, joined 5 s ago)``)."""
+    items: list[str] = []
+    depth = start = 0
+    for index, char in enumerate(listing):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(depth - 1, 0)
+        elif char == "," and not depth and listing.startswith(", ", index):
+            items.append(listing[start:index])
+            start = index + 2
+    items.append(listing[start:])
+    return items
+
+
+def split_notice(text: str) -> list[str]:
+    """The lines a service message is shown as: the answers to /who and /help
+    one item a line."""
+    match = WHO_ANSWER.match(text)
+    if match:
+        return [match.group(1) + ":"] + ["  " + item for item in _who_items(match.group(2))]
+    if text.startswith("Commands: ") and ". Start a message" in text:
+        usage, _, rest = text[len("Commands: ") :].partition(". Start a message")
+        items = ["  " + item for item in usage.split("; ")]
+        return ["Commands:", *items, "Start a message" + rest]
+    return [text]
+
+
+def names_in_notice(text: str) -> tuple[list[str], list[str]]:
+    """(nicknames that arrived, nicknames that left) in a service message."""
+    match = WHO_ANSWER.match(text)
+    if match:
+        items = _who_items(match.group(2))
+        found = (re.match(r"(\S+) \((?:on [^()]*, )?joined ", item) for item in items)
+        return [each.group(1) for each in found if each], []
+    for verb in (" joined the chat (", " left the chat ("):
+        if verb in text:
+            names = re.split(r", | and ", text.split(verb, 1)[0])
+            names = [name for name in names if " " not in name]
+            return (names, []) if "joined" in verb else ([], names)
+    if " is now known as " in text:
+        old, _, new = text.partition(" is now known as ")
+        return [new], [old]
+    return [], []
+
+
+# -- keys -----------------------------------------------------------------
+
+# What the usual escape sequences mean, and the control keys.
+_SEQUENCES = {
+    "[A": "up",
+    "[B": "down",
+    "[C": "right",
+    "[D": "left",
+    "[H": "home",
+    "[F": "end",
+    "OA": "up",
+    "OB": "down",
+    "OC": "right",
+    "OD": "left",
+    "OH": "home",
+    "OF": "end",
+    "[1~": "home",
+    "[7~": "home",
+    "[4~": "end",
+    "[8~": "end",
+    "[3~": "delete",
+    "[1;5C": "word-right",
+    "[1;5D": "word-left",
+    "[1;3C": "word-right",
+    "[1;3D": "word-left",
+    "b": "word-left",
+    "f": "word-right",
+    "d": "kill-word",
+    "\x7f": "rubout-word",
+    "\x08": "rubout-word",
+}
+_CONTROLS = {
+    "\x01": "home",
+    "\x02": "left",
+    "\x03": "interrupt",
+    "\x04": "eof",
+    "\x05": "end",
+    "\x06": "right",
+    "\x07": "cancel",
+    "\x08": "backspace",
+    "\x7f": "backspace",
+    "\t": "complete",
+    "\r": "enter",
+    "\n": "enter",
+    "\x0b": "kill-end",
+    "\x0c": "clear",
+    "\x0e": "down",
+    "\x10": "up",
+    "\x12": "search",
+    "\x15": "kill-start",
+    "\x17": "rubout-word",
+    "\x19": "yank",
+    "\x1a": "suspend",
+}
+PASTE_BEGIN = "\x1b[200~"
+PASTE_END = "\x1b[201~"
+Key = Tuple[str, str]  # ("text", "abc"), ("paste", "a\nb") or ("key", "left")
+
+
+class KeyReader:
+    """Turns the bytes typed into keys, with sequences cut anywhere between reads."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = ""  # an escape sequence, or a paste, not complete yet
+        self.since = 0.0  # when the pending part came
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a lone ESC (or an unfinished sequence) waits for the rest."""
+        return bool(self._pending) and not self._pending.startswith(PASTE_BEGIN)
+
+    def feed(self, data: bytes, now: float = 0.0) -> list[Key]:
+        text = self._pending + self._decoder.decode(data)
+        self._pending = ""
+        keys: list[Key] = []
+        pos = 0
+        plain_from = 0
+        while pos < len(text):
+            char = text[pos]
+            if char != "\x1b" and char not in _CONTROLS:
+                pos += 1
+                continue
+            if plain_from < pos:
+                keys.append(("text", text[plain_from:pos]))
+            if char != "\x1b":
+                keys.append(("key", _CONTROLS[char]))
+                pos += 1
+            else:
+                end = self._sequence(text, pos, keys)
+                if end is None:  # incomplete: wait for the rest
+                    self._pending = text[pos:]
+                    self.since = now
+                    return keys
+                pos = end
+            plain_from = pos
+        if plain_from < pos:
+            keys.append(("text", text[plain_from:pos]))
+        return keys
+
+    @staticmethod
+    def _sequence(text: str, pos: int, keys: list[Key]) -> int | None:
+        """Read the escape sequence at ``pos``: where it ends, or None when cut."""
+        if text.startswith(PASTE_BEGIN, pos):
+            end = text.find(PASTE_END, pos)
+            if end < 0:
+                return None
+            keys.append(("paste", text[pos + len(PASTE_BEGIN) : end]))
+            return end + len(PASTE_END)
+        if PASTE_BEGIN.startswith(text[pos:]) and len(text) - pos < len(PASTE_BEGIN):
+            return None
+        if pos + 1 >= len(text):
+            return None
+        second = text[pos + 1]
+        if second == "[":
+            end = pos + 2
+            while end < len(text) and 0x20 <= ord(text[end]) <= 0x3F:
+                end += 1
+            if end >= len(text):
+                return None
+            name = _SEQUENCES.get(text[pos + 1 : end + 1])
+        elif second == "O":
+            if pos + 2 >= len(text):
+                return None
+            end = pos + 2
+            name = _SEQUENCES.get(text[pos + 1 : end + 1])
+        elif second == "\x1b":
+            return pos + 1  # ESC ESC: the first is a lone ESC
+        else:
+            end = pos + 1
+            name = _SEQUENCES.get(second)
+        if name is not None:
+            keys.append(("key", name))
+        return end + 1
+
+    def flush(self) -> list[Key]:
+        """After ESCAPE_WAIT: what waits is not a sequence; a lone ESC is dropped."""
+        pending, self._pending = self._pending, ""
+        rest = pending[1:] if pending.startswith("\x1b") else pending
+        return self.feed(rest.encode("utf-8", "surrogatepass")) if rest else []
+
+
+# -- the line editor ------------------------------------------------------
+
+
+class LineEditor:
+    """The line being typed: its text, the cursor, the history, the kill
+    buffer, and what it drew on the terminal.
+
+    ``render()`` returns what draws the prompt and the text from the
+    region's first row and leaves the cursor where it belongs; the editor then
+    knows how many rows the region has and which of them the cursor is on, so
+    ``clear()`` can take exactly them away. Each row is ended by an explicit
+    CR LF, also one that is exactly as wide as the terminal, so the cursor is
+    never left in the terminal's pending-wrap state with its row unknown.
+    """
+
+    def __init__(self, history: list[str] | None = None) -> None:
+        self.text = ""
+        self.pos = 0  # index into text, always where a cluster starts
+        self.kill = ""
+        self.history: list[str] = history if history is not None else []
+        self.browse = len(self.history)  # the history entry shown, len() for the draft
+        self.draft = ""
+        self.added = False  # the last line accepted went into the history
+        self.search: str | None = None  # the reverse search's query, while searching
+        self.found = -1  # the history entry the search shows
+        self.before_search = ("", 0)
+        self.cursor_row = 0  # rows from the region's first row to the cursor
+        self.drawn = False
+
+    # editing
+
+    def insert(self, text: str) -> None:
+        text = "".join(
+            char for char in text.replace("\t", "    ") if char >= " " and char != "\x7f"
+        )
+        if self.search is not None:
+            self.search += text
+            self._find(len(self.history))
+            return
+        self.text = self.text[: self.pos] + text + self.text[self.pos :]
+        self.pos += len(text)
+        bounds = _boundaries(self.text)
+        while self.pos not in bounds:  # the text joined a cluster after it
+            self.pos += 1
+
+    def _left(self) -> int:
+        bounds = _boundaries(self.text)
+        return max((b for b in bounds if b < self.pos), default=0)
+
+    def _right(self) -> int:
+        bounds = _boundaries(self.text)
+        return min((b for b in bounds if b > self.pos), default=len(self.text))
+
+    def _word_left(self) -> int:
+        pos = self.pos
+        while pos and not self.text[pos - 1].isalnum():
+            pos -= 1
+        while pos and self.text[pos - 1].isalnum():
+            pos -= 1
+        return pos
+
+    def _word_right(self) -> int:
+        pos = self.pos
+        while pos < len(self.text) and not self.text[pos].isalnum():
+            pos += 1
+        while pos < len(self.text) and self.text[pos].isalnum():
+            pos += 1
+        return pos
+
+    def _cut(self, start: int, stop: int) -> None:
+        if stop > start:
+            self.kill = self.text[start:stop]
+            self.text = self.text[:start] + self.text[stop:]
+            self.pos = start
+
+    def key(self, name: str) -> str | None:
+        """Apply an editing key; returns the line when it is Enter."""
+        if self.search is not None and self._search_key(name):
+            return None
+        text, pos = self.text, self.pos
+        if name == "enter":
+            return self.accept()
+        if name == "left":
+            self.pos = self._left()
+        elif name == "right":
+            self.pos = self._right()
+        elif name == "home":
+            self.pos = 0
+        elif name == "end":
+            self.pos = len(text)
+        elif name == "word-left":
+            self.pos = self._word_left()
+        elif name == "word-right":
+            self.pos = self._word_right()
+        elif name == "backspace":
+            left = self._left()
+            self.text, self.pos = text[:left] + text[pos:], left
+        elif name in ("delete", "eof"):
+            self.text = text[:pos] + text[self._right() :]
+        elif name == "kill-end":
+            self._cut(pos, len(text))
+        elif name == "kill-start":
+            self._cut(0, pos)
+        elif name == "rubout-word":
+            start = pos
+            while start and text[start - 1].isspace():
+                start -= 1
+            while start and not text[start - 1].isspace():
+                start -= 1
+            self._cut(start, pos)
+        elif name == "kill-word":
+            self._cut(pos, self._word_right())
+        elif name == "yank":
+            self.insert(self.kill)
+        elif name == "up":
+            self._recall(self.browse - 1)
+        elif name == "down":
+            self._recall(self.browse + 1)
+        elif name == "search":
+            self.search = ""
+            self.before_search = (text, pos)
+            self.found = len(self.history)
+        return None
+
+    def accept(self) -> str:
+        """The line is done: it goes into the history and the editor is empty."""
+        line = self.text
+        self.added = bool(line.strip()) and (not self.history or self.history[-1] != line)
+        if self.added:
+            self.history.append(line)
+            del self.history[:-HISTORY_KEPT]
+        self.text, self.pos, self.draft = "", 0, ""
+        self.browse = len(self.history)
+        return line
+
+    def _recall(self, index: int) -> None:
+        if not 0 <= index <= len(self.history) or index == self.browse:
+            return
+        if self.browse == len(self.history):
+            self.draft = self.text
+        self.browse = index
+        self.text = self.history[index] if index < len(self.history) else self.draft
+        self.pos = len(self.text)
+
+    def _find(self, before: int) -> None:
+        query = self.search or ""
+        for index in range(min(before, len(self.history)) - 1, -1, -1):
+            if query in self.history[index]:
+                self.found = index
+                self.text = self.history[index]
+                self.pos = self.text.find(query)
+                return
+
+    def _search_key(self, name: str) -> bool:
+        """A key during Ctrl+R; True when the search used it up."""
+        if name == "search":
+            self._find(self.found)
+        elif name == "backspace":
+            self.search = (self.search or "")[:-1]
+            self._find(len(self.history))
+        elif name in ("cancel", "interrupt"):
+            self.search = None
+            self.text, self.pos = self.before_search
+        else:  # any other key takes the line found, then does what it does
+            self.search = None
+            self.browse = len(self.history)
+            return False
+        return True
+
+    def complete(self, names: Sequence[str]) -> list[str]:
+        """Tab: complete the word before the cursor from ``names`` (command
+        names for a first word starting with /); returns the candidates when
+        there is more than one and nothing more to add."""
+        start = self.pos
+        while start and not self.text[start - 1].isspace():
+            start -= 1
+        word = self.text[start : self.pos]
+        first = not self.text[:start].strip()
+        if first and word.startswith("/"):
+            choices = sorted(name for name in COMMAND_NAMES if name.startswith(word.lower()))
+        else:
+            folded = word.casefold()
+            choices = sorted({name for name in names if name.casefold().startswith(folded)})
+        if not choices:
+            return []
+        if len(choices) == 1:
+            end = ": " if first and not choices[0].startswith("/") else " "
+            self.text = self.text[:start] + choices[0] + end + self.text[self.pos :]
+            self.pos = start + len(choices[0]) + len(end)
+            return []
+        common = min(choices, key=len).casefold()
+        while any(not choice.casefold().startswith(common) for choice in choices):
+            common = common[:-1]
+        if len(common) > len(word):
+            self.text = self.text[:start] + choices[0][: len(common)] + self.text[self.pos :]
+            self.pos = start + len(common)
+            return []
+        return choices
+
+    # drawing
+
+    def prompt_for(self, prompt: str) -> str:
+        if self.search is not None:
+            return "(reverse-i-search)`%s': " % sanitize(self.search)
+        return prompt
+
+    def render(self, prompt: str, width: int, style: str = "", max_rows: int = 0) -> str:
+        """Draw the prompt and the text from the region's first row, with the
+        cursor left where it belongs; records the cursor's row. A line taller
+        than ``max_rows`` shows the rows around the cursor only: the region
+        never scrolls the screen by more than it can take back."""
+        width = max(width, 2)
+        rows: list[list[str]] = [[style] if style else []]
+        styled = bool(style)
+        col = 0
+        cursor: tuple[int, int] | None = None
+        pieces = [(cluster, -1) for cluster in clusters(self.prompt_for(prompt))]
+        index = 0
+        for cluster in clusters(self.text):
+            pieces.append((cluster, index))
+            index += len(cluster)
+        for cluster, at in pieces:
+            if at == 0 and styled:
+                rows[-1].append(RESET)
+                styled = False
+            cols = min(cluster_width(cluster), width)
+            if col + cols > width:
+                if styled:
+                    rows[-1].append(RESET)
+                rows.append([style] if styled else [])
+                col = 0
+            if at == self.pos and cursor is None:
+                cursor = (len(rows) - 1, col)
+            rows[-1].append(cluster)
+            col += cols
+        if styled:
+            rows[-1].append(RESET)
+        if col >= width:  # exactly full: go to the next row ourselves
+            rows.append([])
+            col = 0
+        if cursor is None:
+            cursor = (len(rows) - 1, col)
+        first = 0
+        if 0 < max_rows < len(rows):
+            first = max(cursor[0] - max_rows + 1, 0)
+            rows = rows[first : first + max_rows]
+        row = cursor[0] - first
+        out = ["\r\n".join("".join(each) for each in rows)]
+        if len(rows) - 1 > row:
+            out.append("\x1b[%dA" % (len(rows) - 1 - row))
+        out.append("\r")
+        if cursor[1]:
+            out.append("\x1b[%dC" % cursor[1])
+        self.cursor_row = row
+        self.drawn = True
+        return "".join(out)
+
+    def clear(self) -> str:
+        """What takes the region away, leaving the cursor at its first row's start."""
+        if not self.drawn:
+            return ""
+        self.drawn = False
+        up = "\x1b[%dA" % self.cursor_row if self.cursor_row else ""
+        self.cursor_row = 0
+        return up + "\r\x1b[J"
+
+
+# -- the terminal ---------------------------------------------------------
+
+Message = Tuple[Runs, Runs]  # (head, body): wrapped body rows continue under the body
+
+
+class Terminal:
+    """Everything the client writes goes through here.
+
+    ``full``: a terminal that takes cursor movements; the editor's region (the
+    prompt and the typed text, and the reconnection status above it) stays at
+    the bottom and every message is printed above it. ``dumb``: the typed text
+    is echoed as it is, with no cursor movement; a message that arrives while
+    a line is half typed starts on a new line, and the text is echoed again
+    below it. ``plain``: lines only (pipe mode, output in a file).
+    Messages shown in one turn of the loop are written together by ``flush()``.
+    """
+
+    def __init__(self, mode: str, editor: LineEditor | None = None) -> None:
+        self.mode = mode
+        self.editor = editor if editor is not None else LineEditor()
+        self.active = False  # the region is on screen (between start() and stop())
+        self.prompt = ""
+        self.prompt_style = ""
+        self.width, self.height = 80, 24
+        self.status_rows = 0  # rows of the status line directly above the region
+        self._queued: list[str] = []  # rows of the messages of this turn
+        self._echoed = ""  # dumb: what of the typed line is on screen
+        if mode == "full":
+            self.measure()
+
+    def measure(self) -> None:
+        try:
+            size = os.get_terminal_size(sys.stdout.fileno())
+            self.width, self.height = max(size.columns, 2), max(size.lines, 2)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    @staticmethod
+    def write(text: str) -> None:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, ValueError):  # stdout closed (for example `| head`)
+            pass
+
+    def _rows(self, runs: Runs, indent: int = 0) -> list[str]:
+        if self.mode != "full":  # the terminal wraps (or it is a file)
+            return ["".join(style + text + RESET if style else text for style, text in runs)]
+        return wrap_runs(runs, self.width, indent)
+
+    def show(self, message: Message, bell: bool = False) -> None:
+        head, body = message
+        indent = text_width(plain(head)) if self.mode == "full" else 0
+        rows = self._rows(head + body, indent)
+        if bell:
+            rows[-1] += BELL
+        self._queued += rows
+        if not self.active:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the messages of this turn above the region, and the region again."""
+        if not self._queued:
+            return
+        rows, self._queued = self._queued, []
+        newline = "\n" if self.mode == "plain" else "\r\n"  # raw mode: no output processing
+        text = newline.join(rows) + newline
+        if self.mode == "full" and self.active:
+            self.status_rows = 0
+            self.write(self.editor.clear() + text + self._region())
+        elif self.mode == "dumb" and self.active and self._echoed:
+            self.write("\r\n" + text + self._echoed)
+        else:
+            self.write(text)
+
+    def status(self, runs: Runs) -> None:
+        """A line that the next status replaces, while nothing came between."""
+        self.flush()
+        if self.mode != "full" or not self.active:
+            self.show((runs, []))
+            return
+        rows = wrap_runs(runs, self.width)
+        up = "\x1b[%dA\r\x1b[J" % self.status_rows if self.status_rows else ""
+        self.write(self.editor.clear() + up + "\r\n".join(rows) + "\r\n" + self._region())
+        self.status_rows = len(rows)
+
+    def _region(self) -> str:
+        return self.editor.render(self.prompt, self.width, self.prompt_style, self.height - 1)
+
+    def redraw(self) -> None:
+        """The typed line changed: draw it again (dumb: echo what changed)."""
+        if not self.active:
+            return
+        if self.mode == "full":
+            self.write(self.editor.clear() + self._region())
+        elif self.mode == "dumb":
+            text = self.editor.text
+            if text.startswith(self._echoed):
+                self.write(text[len(self._echoed) :])
+            elif self._echoed.startswith(text):  # rubbed out at the end: backspaces
+                self.write("\b \b" * text_width(self._echoed[len(text) :]))
+            else:  # no cursor movement: the corrected line goes on a line of its own
+                self.write("\r\n" + text)
+            self._echoed = text
+
+    def line_done(self) -> None:
+        """Enter was pressed: the line goes away (its sent copy is shown as a message)."""
+        if self.mode == "dumb" and self.active:
+            self.write("\r\n" if self._echoed else "")
+            self._echoed = ""
+        else:
+            self.redraw()
+
+    def resize(self) -> None:
+        if self.mode != "full":
+            return
+        clear = self.editor.clear() if self.active else ""
+        self.measure()
+        self.status_rows = 0  # its rows may have changed: the next status goes below it
+        if self.active:
+            self.write(clear + self._region())
+
+    def suspend(self) -> None:
+        """Ctrl+Z: the line goes, the terminal is left as the shell wants it."""
+        self.flush()
+        if self.mode == "full" and self.active:
+            self.write(self.editor.clear() + "\x1b[?2004l")
+
+    def resume(self) -> None:
+        if self.mode == "full" and self.active:
+            self.measure()
+            self.write(self.editor.clear() + "\x1b[?2004h" + self._region())
+
+    def clear_screen(self) -> None:
+        """Ctrl+L: what is on the screen scrolls up into the scrollback."""
+        if self.mode == "full" and self.active:
+            self.write(self.editor.clear() + "\n" * (self.height - 1) + "\x1b[H" + self._region())
+
+    def set_prompt(self, prompt: str, style: str = "") -> None:
+        if (prompt, style) != (self.prompt, self.prompt_style):
+            self.prompt, self.prompt_style = prompt, style
+            if self.mode == "full":
+                self.redraw()
+
+    def start(self) -> None:
+        self.active = True
+        if self.mode == "full":
+            self.write("\x1b[?2004h" + self._region())
+
+    def stop(self) -> None:
+        """Take the region away (a half-typed line is not left on the screen)."""
+        self.flush()
+        if self.active and self.mode == "full":
+            self.write(self.editor.clear() + "\x1b[?2004l")
+        elif self.active and self.mode == "dumb" and self._echoed:
+            self.write("\r\n")
+            self._echoed = ""
+        self.active = False
+
+
+def history_path() -> str | None:
+    """Where the typed lines are kept: $SELCHAT_HISTORY (empty: nowhere), else
+    selchat/history under $XDG_STATE_HOME or ~/.local/state."""
+    path = os.environ.get("SELCHAT_HISTORY")
+    if path is not None:
+        return path or None
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(state, "selchat", "history")
+
+
+def load_history(path: str | None) -> list[str]:
+    """The last HISTORY_KEPT lines of the history file; a file grown to twice
+    that is cut back to them."""
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = [line.rstrip("\n") for line in file]
+    except OSError:
+        return []
+    if len(lines) > 2 * HISTORY_KEPT:
+        _write_history(path, lines[-HISTORY_KEPT:])
+    return lines[-HISTORY_KEPT:]
+
+
+def _write_history(path: str, lines: list[str]) -> None:
+    try:
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8", errors="replace") as file:
+            file.writelines(line + "\n" for line in lines)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+
+
+def remember(path: str | None, line: str) -> None:
+    """Add a line to the history file at once: several clients at a time each
+    add theirs, and a client that is killed has kept what it sent."""
+    if path is None:
+        return
+    try:
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(fd, "w", encoding="utf-8", errors="replace") as file:
+            file.write(line + "\n")
+    except OSError:
+        pass
+
+
+# Raw mode: keys one by one, without echo, signals from keys or output processing.
+def _raw_mode(fd: int) -> Any:
+    import termios
+
+    saved = termios.tcgetattr(fd)
+    mode = termios.tcgetattr(fd)
+    mode[0] &= ~(termios.ICRNL | termios.INLCR | termios.IXON)
+    mode[1] &= ~termios.OPOST  # what is written is what the terminal gets: CR LF where meant
+    mode[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
+    mode[6][termios.VMIN] = 1
+    mode[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSADRAIN, mode)
+    return saved
+
+
+# -- the client -----------------------------------------------------------
+
+_LOOP_SIGNALS = ("SIGWINCH", "SIGINT", "SIGTERM", "SIGHUP", "SIGTSTP", "SIGCONT")
 
 
 class ChatClient:
-    """Connects, sends what the user types, shows what arrives.
+    """Connects, sends what the user types, shows what arrives: one selector
+    loop over the socket, the keyboard and the signals.
 
     In a terminal it also reconnects, with backoff, when a connection it had
-    joined on is lost without the server's shutdown notice.
+    joined on is lost without the server's shutdown notice; the reconnection
+    runs inside the loop (a non-blocking connect and timers), so typing goes on.
     """
 
     def __init__(
@@ -3866,49 +4546,69 @@ class ChatClient:
         password: str | None = None,
         reconnect: bool = False,
         bell: bool = False,
+        mode: str = "plain",
+        palette: Sequence[str] = NICK_COLORS,
+        history_file: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.nick = nick
         self.tls_context = tls_context
         self.password = password
+        self.interactive = interactive
+        self.reconnect = reconnect and interactive  # pipe mode never reconnects
+        self.bell = bell and interactive
         self.rate = 0.0  # the server's limit, from its welcome: we keep under it
         self.burst = 1.0
         self.tokens = 0.0
         self.token_time = 0.0
-        self._early: list[bytes] = []  # frames read during the handshake
+        self.history_file = history_file
+        self.editor = LineEditor(load_history(history_file) if mode != "plain" else [])
+        self.screen = Terminal(mode, self.editor)
+        self.formatter = Formatter(color, palette)
+        self.keys = KeyReader()
+        self.sock: Any = None
         self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
-        self.waiting_for_input = False  # the main thread is blocked reading input
-        self.welcome_shown = threading.Event()
-        self._main_left = threading.Event()  # the main thread no longer waits for input
-        self.saved_terminal: Any = None  # termios settings, for a last-resort exit
-        # The prompt is redrawn with cursor movements only on a terminal that
-        # can take them; typing at a terminal with the output going to a file
-        # or a pipe gives plain lines there.
-        self.screen = Screen(color, interactive and _can_redraw())
-        self.interactive = interactive
-        self.reconnect = reconnect and interactive  # pipe mode never reconnects
-        self.bell = bell and interactive
-        self.sock: socket.socket | None = None
-        self.leaving = False  # we asked to leave: the server closing is expected
-        self.finished = False  # the receiver has seen the end of the session
-        self.status = 0
-        self.failure: str | None = None
-        self.last_notice = ""
+        self._early: list[bytes] = []  # frames read with the welcome
+        self.selector: selectors.BaseSelector | None = None
+        # connected; after a loss: waiting (to reconnect), connecting, handshake (TLS), joining
+        self.state = "connected"
         self.joined = False  # welcomed at least once
         self.welcomed = False  # welcomed on the current connection
-        self.linked = False  # lines typed now can be sent
         self.replaying = False  # between the history markers
         self._held_begin: str | None = None  # history marker, shown with the first new message
-        # Hashes of the chat messages shown, so that the history replayed after
-        # a reconnect shows only what was missed.
         self.seen: collections.deque[int] = collections.deque(maxlen=SEEN_MEMORY)
-        self._wake = threading.Event()
-        self._receiver: threading.Thread | None = None
+        self.known: dict[str, str] = {}  # nicknames seen, by casefold, for Tab
+        self.last_notice = ""
+        self.lines: collections.deque[str] = collections.deque()  # typed, not yet framed
+        self.out: collections.deque[list[Any]] = collections.deque()  # [bytes left, own message]
+        self.failures = 0
+        self.retry_at = 0.0
+        self.attempt_deadline = 0.0
+        self.addresses: list[Any] = []
+        self.leaving = False
+        self.shut = False  # our side of the socket is shut: the server has it all
+        self.leave_deadline = 0.0
+        self.done = False
+        self.status = 0
+        self.failure: str | None = None
+        self.stdin_fd = -1
+        self.stdin_eof = False
+        self.stdin_on = False
+        self._line_decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""
+        self._console: socket.socket | None = None  # Windows: the console thread's end
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.saved_terminal: Any = None
+        self.raw = mode != "plain"
 
     @property
     def where(self) -> str:
         return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
+    # -- joining, before the loop -----------------------------------------
 
     def connect(self, ask: bool = True) -> None:
         """Connect (with TLS when asked), send the nickname and, when the server
@@ -3945,360 +4645,755 @@ class ChatClient:
             self.password = password  # for reconnecting, which never asks
             sock.sendall(encode_frame(password.encode("utf-8", "surrogatepass")))
             frames = frames[1:]
-        sock.settimeout(None)
         self._early = frames
 
-    def run(self) -> int:
-        try:
-            self.connect()
-        except (OSError, ProtocolError) as exc:
-            _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
-            return 1
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_session_ended)
-        if self.screen.hooked:
-            signal.signal(signal.SIGINT, self._on_interrupt)
-            signal.signal(signal.SIGTERM, self._on_interrupt)
-        self.linked = True
-        self._receiver = threading.Thread(target=self._receive, name="receiver", daemon=True)
-        try:
+    def _await_welcome(self) -> bool:
+        """Show what comes until the welcome (True) or the server closes (False)."""
+        sock = self.sock
+        frames, self._early = self._early, []
+        deadline = time.monotonic() + CONNECT_TIMEOUT  # a server that trickles is no welcome
+        while True:
+            for index, payload in enumerate(frames):
+                self._on_payload(payload)
+                if self.welcomed:
+                    self._early = frames[index + 1 :]
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                return False
+            frames = self._decoder.feed(data)
+
+    def join(self) -> bool:
+        """Connect and join; an interactive user whose nickname is taken or whose
+        password is wrong is asked again. False (and a line on stderr) on failure."""
+        while True:
             try:
-                self._receiver.start()
-                if self.interactive:
-                    self._type_loop()
-                else:
-                    self._pipe_loop()
-            finally:
-                self._main_left.set()
-            self._leave()
-        except SessionEnded:
+                self.connect()
+                if self._await_welcome():
+                    return True
+            except (OSError, ProtocolError) as exc:
+                if not self.last_notice:  # no reason from the server: it is the network's
+                    self._close_socket()
+                    _fail("cannot connect to %s: %s" % (self.where, _connect_reason(exc)))
+                    self.status = 1
+                    return False
+            self._close_socket()
+            if not self.interactive or not self._second_chance():
+                break
+        self.status = 1
+        if self.last_notice:
+            _fail(
+                "connection to %s refused by the server: %s"
+                % (self.where, sanitize(self.last_notice))
+            )
+        return False
+
+    def _second_chance(self) -> bool:
+        """Ask again for what the server turned down; False when the user gives up
+        (or it is not something to ask again)."""
+        notice = self.last_notice
+        if notice.startswith("Nickname rejected"):
+            what, answer = "nickname", _ask_nick(self.where)
+            if answer is not None:
+                self.nick = answer
+        elif notice.startswith("Wrong password"):
+            what, answer = "password", _ask_password()
+            if answer is not None:
+                self.password = answer
+        else:
+            return False
+        self.last_notice = ""
+        if answer is None:  # the reason is on the screen already: not twice
+            _fail("cannot join %s: no %s given" % (self.where, what))
+        return answer is not None
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        if not self.join():
+            return self.status
+        self._start()
+        try:
+            for payload in self._early:
+                self._on_payload(payload)
+            self._early = []
+            self.screen.flush()
+            while not self.done:
+                self._turn()
+        except KeyboardInterrupt:  # a signal before our handlers, or on Windows
             pass
-        except KeyboardInterrupt:  # Ctrl+C or SIGTERM
-            if not self.finished:
-                self._leave()
-        except OSError as exc:  # sending failed: the receiver may know better why
-            self.leaving = True
-            if self._receiver is not None:
-                self._receiver.join(1.0)
-            if not self.finished:
-                self.failure = "lost: %s" % _reason(exc)
-                self.status = 1
         finally:
-            if self.interactive:
-                self.screen.clear_prompt()
+            self._finish()
         if self.failure:
             _fail("connection to %s %s" % (self.where, self.failure))
         return self.status
 
-    def _type_loop(self) -> None:
-        screen = self.screen
-        # A prompt only where it is redrawn below arriving messages: not in a
-        # file or a pipe that takes the output, nor on a dumb terminal.
-        prompt = screen.PROMPT if screen.interactive else ""
-        # The first prompt waits for the welcome, which comes at once.
-        self.welcome_shown.wait(CONNECT_TIMEOUT)
-        while not self.finished:
-            self.waiting_for_input = True
-            screen.before_input()
-            try:
-                if self._ended():  # ended before the flag was up: no signal will come
-                    return
-                line = input(prompt)
-            except EOFError:
+    def _turn(self) -> None:
+        """One turn of the loop: wait for the socket, the keyboard, a signal or
+        the next timer; handle what came; then the timers."""
+        assert self.selector is not None
+        for key, mask in self.selector.select(self._timeout()):
+            key.data(mask)
+            if self.done:
                 return
-            finally:
-                self.waiting_for_input = False
-                screen.after_input()
-            if line.strip() == QUIT_COMMAND:
-                return
-            if not line.strip():
-                continue
-            if not self.linked:
-                screen.show(
-                    screen.service_line("Not sent: not connected. Type %s to leave." % QUIT_COMMAND)
-                )
-                continue
+        self._tick()
+
+    def _start(self) -> None:
+        selector = self.selector = selectors.DefaultSelector()
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        selector.register(self._wake_r, selectors.EVENT_READ, self._on_signal)
+        try:
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            for name in _LOOP_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._old_handlers[number] = signal.signal(number, _note_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+        if sys.platform == "win32" or (not self.raw and self.interactive and not _has_termios()):
+            self._start_console()
+        else:
+            self.stdin_fd = sys.stdin.fileno()
+        if self.raw:
             try:
-                sent = self._send_line(line)
-            except OSError:
-                if not self.reconnect:
-                    raise
-                screen.show(screen.service_line("Not sent: the connection was lost"))
-                continue
-            if sent is not None:  # our own message, shown like everyone else's
-                screen.show(screen.chat_line(sent[0], self.nick, sent[1]), typed=line)
+                self.saved_terminal = _raw_mode(self.stdin_fd)
+            except Exception:  # noqa: BLE001 - no termios after all: read lines
+                self.raw = False
+        self._stdin(True)
+        self._update_prompt()
+        self.screen.start()
 
-    def _pipe_loop(self) -> None:
-        while not self.finished:
-            self.waiting_for_input = True
+    def _start_console(self) -> None:
+        """Windows has no select() on the console: a thread reads it into a socket pair."""
+        ours, theirs = socket.socketpair()
+        self._console = ours
+
+        def pump() -> None:
             try:
-                if self._ended():
-                    return
-                raw = sys.stdin.readline()
-            finally:
-                self.waiting_for_input = False
-            line = raw.rstrip("\r\n")
-            if not raw or line.strip() == QUIT_COMMAND:
-                return
-            if line.strip():
-                sent = self._send_line(line)
-                if sent is not None:  # our own message, shown like everyone else's
-                    self.screen.show(self.screen.chat_line(sent[0], self.nick, sent[1]))
+                while True:
+                    line = sys.stdin.readline()
+                    if not line:
+                        break
+                    theirs.sendall(line.encode("utf-8", "replace"))
+            except (OSError, ValueError):
+                pass
+            theirs.close()
 
-    def _ended(self) -> bool:
-        """Whether the receiver has ended the session (it changes behind our back)."""
-        return self.finished
+        threading.Thread(target=pump, name="console", daemon=True).start()
 
-    def _on_session_ended(self, signum: int, frame: Any) -> None:
-        # Runs in the main thread between two of its steps. Only a wait for
-        # input needs breaking; anywhere else the main thread sees `finished`
-        # by itself, and an exception there would land where none is expected.
-        if self.screen.defer(signum, frame):
+    def _stdin(self, on: bool) -> None:
+        """Read the keyboard (or the input lines), or stop reading it for now."""
+        if self.selector is None or on == self.stdin_on or (on and self.stdin_eof):
             return
-        if self.waiting_for_input and not self.screen.in_hook:
-            raise SessionEnded()
+        source: Any = self._console if self._console is not None else self.stdin_fd
+        if on:
+            self.selector.register(source, selectors.EVENT_READ, self._on_input)
+        else:
+            self.selector.unregister(source)
+        self.stdin_on = on
 
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        # Ctrl+C or SIGTERM: leave, unless it landed in a readline hook, where
-        # the exception would be lost (it comes again a moment later).
-        if self.screen.defer(signum, frame):
+    def _finish(self) -> None:
+        self.screen.stop()
+        if self.saved_terminal is not None:
+            _restore_terminal(self.saved_terminal)
+            self.saved_terminal = None
+        try:
+            signal.set_wakeup_fd(-1)
+            for number, handler in self._old_handlers.items():
+                signal.signal(number, handler)
+        except (ValueError, OSError, TypeError):
+            pass
+        self._close_socket()
+        for end in (self._wake_r, self._wake_w, self._console):
+            if end is not None:
+                end.close()
+        if self.selector is not None:
+            self.selector.close()
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines = []
+        if self.keys.waiting:
+            deadlines.append(self.keys.since + ESCAPE_WAIT)
+        if self.state == "waiting":
+            left = self.retry_at - now
+            deadlines.append(now + min(left, left - math.floor(left) or 1.0))
+        elif self.state in ("connecting", "handshake", "joining"):
+            deadlines.append(self.attempt_deadline)
+        if self.lines and self.state == "connected" and self.rate:
+            deadlines.append(now + max((1.0 - self.tokens) / self.rate, 0.0))
+        if self.leaving and self.leave_deadline:
+            deadlines.append(self.leave_deadline)
+        if sys.platform == "win32":
+            deadlines.append(now + 0.5)
+        return max(min(deadlines) - now, 0.0) if deadlines else None
+
+    def _tick(self) -> None:
+        """Timers, pacing and what the turn showed."""
+        now = time.monotonic()
+        if self.keys.waiting and now >= self.keys.since + ESCAPE_WAIT:
+            self._keys(self.keys.flush())
+        if self.state == "waiting" and now >= self.retry_at:
+            self._attempt()
+        elif self.state in ("connecting", "handshake", "joining") and now >= self.attempt_deadline:
+            self._attempt_failed(socket.timeout("timed out"))
+        self._pump()
+        if self.leaving and not self.shut and not self.lines and not self.out:
+            self._shut()
+        if self.leaving and self.leave_deadline and now >= self.leave_deadline:
+            self._end(0, None)
+        self._stdin(not self.leaving and len(self.lines) < 256)
+        self._update_prompt()
+        self.screen.flush()
+
+    def _end(self, status: int, failure: str | None) -> None:
+        self.status = status
+        self.failure = failure
+        self.done = True
+
+    # -- signals -----------------------------------------------------------
+
+    def _on_signal(self, mask: int) -> None:
+        assert self._wake_r is not None
+        try:
+            numbers = self._wake_r.recv(512)
+        except OSError:
             return
-        raise KeyboardInterrupt
+        for number in numbers:
+            name = _signal_name(number)
+            if name == "SIGWINCH":
+                self.screen.resize()
+            elif name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                self._leave()
+            elif name == "SIGTSTP":
+                self._suspend()
+            elif name == "SIGCONT":
+                self._resume()
+
+    def _suspend(self) -> None:
+        """Ctrl+Z: give the terminal back as it was, stop; ``fg`` resumes."""
+        self.screen.suspend()
+        if self.saved_terminal is not None:
+            _restore_terminal(self.saved_terminal)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        self._resume()
+
+    def _resume(self) -> None:
+        """After ``fg`` (SIGCONT): raw mode again, and the line drawn again."""
+        if self.raw and self.stdin_fd >= 0:
+            try:
+                saved = _raw_mode(self.stdin_fd)
+            except Exception:  # noqa: BLE001 - the terminal has gone
+                return
+            if self.saved_terminal is None:
+                self.saved_terminal = saved
+        self.screen.resume()
+
+    # -- the keyboard and the input lines ----------------------------------
+
+    def _on_input(self, mask: int) -> None:
+        try:
+            if self._console is not None:
+                data = self._console.recv(65536)
+            else:
+                data = os.read(self.stdin_fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stdin_eof = True
+            self._stdin(False)
+        if self.raw:
+            if data:
+                self._keys(self.keys.feed(data, time.monotonic()))
+            else:
+                self._leave()
+            return
+        text = self._partial + self._line_decoder.decode(data, not data)
+        lines = text.split("\n")
+        self._partial = lines.pop()  # not ended yet
+        if not data and self._partial:  # the last line, without its newline
+            lines.append(self._partial)
+            self._partial = ""
+        for line in lines:
+            if self.leaving:
+                return
+            self._submit(line.rstrip("\r"))
+        if not data:
+            self._leave()
+
+    def _keys(self, keys: list[Key]) -> None:
+        editor = self.editor
+        for kind, value in keys:
+            if self.leaving:
+                return
+            if kind == "text":
+                editor.insert(value)
+            elif kind == "paste":
+                self._paste(value)
+                continue
+            elif (value == "interrupt" and editor.search is None) or (
+                value == "eof" and not editor.text
+            ):
+                self._leave()
+                return
+            elif value == "suspend":
+                self._suspend()
+                continue
+            elif value == "clear":
+                self.screen.clear_screen()
+                continue
+            elif value == "complete":
+                choices = editor.complete(list(self.known.values()))
+                if choices:
+                    self.screen.show(([("", "  ".join(shown_nick(c) for c in choices))], []))
+            else:
+                line = editor.key(value)
+                if line is not None:
+                    self.screen.line_done()
+                    self._entered(line)
+                    continue
+            self.screen.redraw()
+
+    def _paste(self, text: str) -> None:
+        """A paste: every line but the last is sent, in order; the last stays typed."""
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if len(lines) == 1:
+            self.editor.insert(lines[0])
+            self.screen.redraw()
+            return
+        self.editor.insert(lines[0])
+        first = self.editor.accept()
+        self.screen.line_done()
+        self._entered(first)
+        for line in lines[1:-1]:
+            self._submit(line)
+        self.editor.insert(lines[-1])
+        self.screen.redraw()
+
+    def _entered(self, line: str) -> None:
+        """A line entered at the keyboard: into the history file, then sent."""
+        if self.editor.added:
+            remember(self.history_file, line)
+        self._submit(line)
+
+    def _submit(self, line: str) -> None:
+        """A line typed (or read): leave, or send it when connected."""
+        if line.strip() in (QUIT_COMMAND, "/quit", "/exit"):
+            self._leave()
+            return
+        if not line.strip():
+            return
+        if self.state != "connected":
+            self.screen.show(
+                self._notice("Not sent: not connected. Type %s to leave." % QUIT_COMMAND)
+            )
+            return
+        self.lines.append(line)
+        self._pump()
+
+    def _leave(self) -> None:
+        """Leave: what was typed goes out, the server closes, the client exits."""
+        if self.leaving:
+            return
+        self.leaving = True
+        self._stdin(False)
+        self.screen.stop()
+        if self.state != "connected":
+            self._end(0, None)
+        elif self.interactive:  # a person leaving waits this long at most, sent or not
+            self.leave_deadline = time.monotonic() + LEAVE_WAIT
+
+    def _shut(self) -> None:
+        self.shut = True
+        if not self.leave_deadline:  # pipe mode: once all is sent, for the server to close
+            self.leave_deadline = time.monotonic() + PIPE_LEAVE_WAIT
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, AttributeError):
+            self._end(0, None)
+
+    # -- sending -----------------------------------------------------------
 
     def _learn_limit(self, welcome: str) -> None:
         match = re.search(r"Limit: ([0-9.]+) messages a second, bursts of ([0-9]+)", welcome)
-        if match:
-            # A little under the server's figures, for the clocks' sake.
-            self.rate = float(match.group(1)) * 0.9
-            self.burst = max(float(match.group(2)) * 0.9, 1.0)
-            self.tokens = self.burst
-            self.token_time = time.monotonic()
+        if not match:
+            return
+        try:
+            rate, burst = float(match.group(1)), float(match.group(2))
+        except ValueError:  # "1.2.3": a server that cannot count gets no pacing
+            return
+        # A little under the server's figures, for the clocks' sake; and never
+        # so slow that a line waits for more than MAX_PACE seconds.
+        self.rate = max(rate * 0.9, 1.0 / MAX_PACE) if rate else 0.0
+        self.burst = min(max(burst * 0.9, 1.0), 1e6)
+        self.tokens = self.burst
+        self.token_time = time.monotonic()
 
-    def _pace(self) -> None:
-        """Wait, when a pasted or piped flood would pass the server's rate limit,
-        rather than have the server drop what is over it."""
-        if not self.rate:
+    def _pump(self) -> None:
+        """Frame the lines the server's rate allows now (a paste or a piped
+        file is sent a little slower rather than dropped), and send."""
+        if self.state != "connected":
             return
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.token_time) * self.rate)
+        if self.rate:
+            self.tokens = min(self.burst, self.tokens + (now - self.token_time) * self.rate)
         self.token_time = now
-        if self.tokens < 1.0:
-            time.sleep((1.0 - self.tokens) / self.rate)
-            self.tokens = 1.0
-            self.token_time = time.monotonic()
-        self.tokens -= 1.0
+        while self.lines and (not self.rate or self.tokens >= 1.0):
+            self.tokens -= 1.0
+            self.out.append(self._frame(self.lines.popleft()))
+        self._send()
 
-    def _send_line(self, line: str) -> tuple[str, str] | None:
-        """Send a line: a command when it starts with one /, else a chat message
-        (``//text`` sends ``/text``). Returns the chat message's (time, text)."""
-        sock = self.sock
-        if sock is None:
-            raise ConnectionError("not connected")
-        self._pace()
+    def _frame(self, line: str) -> list[Any]:
+        """A line as a frame: a command when it starts with one /, else a chat
+        message (``//text`` sends ``/text``), with the message to show once sent."""
         if line.startswith("/") and not line.startswith("//"):
-            sock.sendall(encode_frame(line.encode("utf-8", "surrogatepass")))
-            return None
+            return [encode_frame(line.encode("utf-8", "surrogatepass")), None]
         text = line[1:] if line.startswith("//") else line
         stamp = now_stamp()
         payload = "\0".join((stamp, self.nick, text)).encode("utf-8", "surrogatepass")
-        sock.sendall(encode_frame(payload))
         if self.reconnect:
             self.seen.append(hash(payload))
-        return stamp, text
+        return [encode_frame(payload), (stamp, text)]
 
-    def _leave(self) -> None:
-        """Close our side and wait for the server to close its own: by then it has
-        taken everything we sent."""
-        self.leaving = True
-        self._wake.set()
+    def _send(self) -> None:
         sock = self.sock
-        if sock is not None:
+        while self.out and sock is not None:
+            item = self.out[0]
             try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        if self._receiver is not None:
-            self._receiver.join(5.0 if not self.interactive else 2.0)
+                sent = sock.send(item[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.__class__.__name__ in ("SSLWantWriteError", "SSLWantReadError"):
+                    break
+                self._lost(_reason(exc))
+                return
+            item[0] = item[0][sent:]
+            if item[0]:
+                break
+            self.out.popleft()
+            if item[1] is not None and not self.done:  # our own message, handed over
+                stamp, text = item[1]
+                self.screen.show(self.formatter.chat(stamp, self.nick, fold(text), own=True))
+        self._watch(bool(self.out))
 
-    # -- the receiver thread ----------------------------------------------
+    def _watch(self, write: bool) -> None:
+        if self.selector is None or self.sock is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            if self.selector.get_key(self.sock).events != events:
+                self.selector.modify(self.sock, events, self._on_socket)
+        except (KeyError, ValueError):
+            pass
+
+    # -- receiving ---------------------------------------------------------
+
+    def _on_socket(self, mask: int) -> None:
+        if self.state == "connecting":
+            self._connected()
+            return
+        if self.state == "handshake":
+            self._handshake()
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._send()
+        if mask & selectors.EVENT_READ:
+            self._receive()
 
     def _receive(self) -> None:
-        failures = 0
-        while True:
-            reason = self._read()
-            if reason is None:  # the server's shutdown notice
-                self._end(0, None)
-                return
-            if not self.joined:  # turned away at the door, even if we were leaving
-                if self.last_notice:
-                    self._end(1, "refused by the server: %s" % sanitize(self.last_notice))
-                else:
-                    self._end(1, "lost: %s" % reason)
-                return
-            if self.leaving:
-                self._end(0, None)
-                return
-            if not self.reconnect:
-                self._end(1, "lost: %s" % reason)
-                return
-            failures = 0 if self.welcomed else failures + 1
-            if not self._reconnect(reason, failures):
-                self._end(0, None)
-                return
-
-    def _read(self) -> str | None:
-        """Show what arrives on this connection until it ends: None after the
-        server's shutdown notice, else the reason it ended."""
         sock = self.sock
-        if sock is None:
-            return "not connected"
-        decoder = self._decoder
-        early, self._early = self._early, []
-        try:
-            for payload in early:
-                if self._show(payload):
-                    return None
-            while True:
+        for _ in range(16):  # at most 1 MiB a turn: the keyboard gets its turn too
+            try:
                 data = sock.recv(65536)
-                if not data:
-                    return "the server closed the connection"
-                for payload in decoder.feed(data):
-                    if self._show(payload):
-                        return None
-        except ProtocolError as exc:
-            return "protocol error: %s" % exc
-        except OSError as exc:
-            # A TLS peer that closes without a close_notify has still closed.
-            if exc.__class__.__name__ == "SSLEOFError":
-                return "the server closed the connection"
-            return _reason(exc)
-
-    def _reconnect(self, reason: str, failures: int) -> bool:
-        """Wait, then connect and send the nickname again, waiting longer after
-        each failure; False when the user leaves meanwhile."""
-        self.linked = False
-        self._close_socket()
-        if failures:
-            why = "Cannot rejoin %s: %s." % (self.where, reason)
-        else:
-            why = "Connection to %s lost: %s." % (self.where, reason)
-        while True:
-            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(failures, 16))
-            delay *= random.uniform(0.8, 1.2)  # a restarted server is not hit by all at once
-            self.screen.show(
-                self.screen.service_line(
-                    "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)
-                )
-            )
-            if self._wake.wait(delay) or self.leaving:
-                return False
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.__class__.__name__ == "SSLWantReadError":
+                    return
+                if exc.__class__.__name__ == "SSLEOFError":
+                    data = b""
+                else:
+                    self._lost(_reason(exc))
+                    return
+            if not data:
+                self._lost("the server closed the connection")
+                return
             try:
-                self.connect(ask=False)
-            except (OSError, ProtocolError) as exc:
-                self._close_socket()
-                failures += 1
-                why = "Cannot reconnect to %s: %s." % (self.where, _connect_reason(exc))
-                continue
-            self.welcomed = False
-            self.last_notice = ""
-            return True
+                for payload in self._decoder.feed(data):
+                    self._on_payload(payload)
+                    if self.sock is not sock or self.done:
+                        return
+            except ProtocolError as exc:
+                self._lost("protocol error: %s" % exc)
+                return
+            if len(data) < 65536 and not (hasattr(sock, "pending") and sock.pending()):
+                return
 
-    def _close_socket(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # also wakes a send blocked on it
-            except OSError:
-                pass
-            sock.close()
+    def _notice(self, text: str, more: bool = False) -> Message:
+        """A service message with the time it arrived (``more``: a line after
+        the first of one, under it)."""
+        stamp = "[%s] " % time.strftime("%H:%M:%S") if self.screen.mode != "plain" else ""
+        if more:
+            stamp = " " * len(stamp)
+        runs = self.formatter.notice(text, stamp)
+        return runs[:-1], runs[-1:]  # wrapped rows continue under the text
 
-    def _show(self, payload: bytes) -> bool:
-        """Print one payload; True when it is the server's shutdown notice."""
+    def _on_payload(self, payload: bytes) -> None:
+        if self.state == "joining" and payload == PASSWORD_REQUEST.encode():
+            if self.password is None:
+                self._attempt_failed(ConnectionError("the server wants a password"))
+            else:
+                self._queue_first(self.password)
+            return
         stamp, field, text = unpack_message(payload)
         if stamp is None or field is None:
-            return self._show_notice(text)
+            self._on_notice(text)
+            return
         if self.reconnect:
             key = hash(payload)
             if self.replaying and key in self.seen:
-                return False  # shown before the connection was lost
+                return  # shown before the connection was lost
             self.seen.append(key)
         if self._held_begin is not None:
-            self.screen.show(self.screen.service_line(self._held_begin))
+            self.screen.show(self._notice(self._held_begin))
             self._held_begin = None
-        kind, nick, _ = read_nick_field(field)
+        kind, nick, other = read_nick_field(field)
+        for name in (nick, other):
+            if name and name.casefold() != self.nick.casefold():
+                self.known[name.casefold()] = name
         mine = nick.casefold() == self.nick.casefold()
-        mentions = [] if mine else find_mentions(text, self.nick)
+        shown = fold(text)
+        mentions = [] if mine else find_mentions(shown, self.nick)
         ring = (
             self.bell and not self.replaying and bool(mentions or (kind == "private" and not mine))
         )
-        self.screen.show(self.screen.chat_line(stamp, field, text, mentions), bell=ring)
-        return False
+        self.screen.show(self.formatter.chat(stamp, field, shown, mentions), bell=ring)
 
-    def _show_notice(self, text: str) -> bool:
+    def _on_notice(self, text: str) -> None:
         if not self.welcomed and QUIT_COMMAND in text:  # the welcome says how to leave
-            self.joined = self.welcomed = self.linked = True
+            self.joined = self.welcomed = True
+            self.failures = 0
+            if self.state == "joining":
+                self.state = "connected"
+                self.screen.status_rows = 0  # the last status stays, as a record
             self._learn_limit(text)
-            self.screen.show(self.screen.service_line(text))
-            self.last_notice = text
-            self.welcome_shown.set()  # the first prompt waits for it
-            return False
         elif not self.replaying and _is_history_begin(text):
             # Held back until a message follows it: after a reconnect every
             # replayed message may have been shown already.
             self.replaying = True
             self._held_begin = text
-            return False
+            return
         elif self.replaying and text == HISTORY_END:
             self.replaying = False
             held, self._held_begin = self._held_begin, None
             if held is not None:
-                return False
+                return
         elif text.startswith(RENAMED):
             self.nick = text[len(RENAMED) :]
-        self.screen.show(self.screen.service_line(text))
+        arrived, left = names_in_notice(text)
+        for name in arrived:
+            if name.casefold() != self.nick.casefold():
+                self.known[name.casefold()] = name
+        for name in left:
+            self.known.pop(name.casefold(), None)
         self.last_notice = text
-        return text == SHUTDOWN_NOTICE
+        lines = split_notice(fold(text)) if self.screen.mode != "plain" else [fold(text)]
+        for index, line in enumerate(lines):
+            self.screen.show(self._notice(line, more=index > 0))
+        if text == SHUTDOWN_NOTICE:  # nothing more is shown after the goodbye
+            self._goodbye()
 
-    def _end(self, status: int, failure: str | None) -> None:
-        """The session is over: record why and wake the main thread out of input()."""
-        self.welcome_shown.set()
-        self.status = status
-        self.failure = failure
-        self.finished = True
-        if self.leaving:  # the main thread is already on its way out
-            return
-        self.leaving = True
-        main = threading.main_thread().ident
-        if hasattr(signal, "pthread_kill") and main is not None:
-            # A signal aimed at the main thread interrupts the read() it is
-            # blocked in, so the client leaves without waiting for Enter. It
-            # is sent again while the main thread has not left: one that lands
-            # in a readline hook is lost.
-            for _ in range(20):
-                signal.pthread_kill(main, signal.SIGUSR1)
-                if self._main_left.wait(0.1):
-                    return
-        # Windows, where a console read cannot be interrupted, or a main thread
-        # that would not leave: finish from here.
-        self.screen.clear_prompt()
-        if failure:
-            _fail("connection to %s %s" % (self.where, failure))
-        _restore_terminal(self.saved_terminal)
+    def _goodbye(self) -> None:
+        unsent = len(self.lines) + sum(1 for item in self.out if item[1] is not None)
+        if not self.interactive and not self.stdin_eof:
+            unsent += self._unread_lines()
+        self.lines.clear()
+        self.out.clear()
+        if unsent:
+            _fail(
+                "the server at %s said goodbye before %s went out"
+                % (self.where, plural(unsent, "line"))
+            )
+        self._end(1 if unsent and not self.interactive else 0, None)
+
+    def _unread_lines(self) -> int:
+        """Pipe mode: how many lines already waiting on stdin will never be sent."""
+        count = 1 if self._partial.strip() else 0
         try:
-            sys.stdout.flush()
+            while select.select([self.stdin_fd], [], [], 0)[0]:
+                data = os.read(self.stdin_fd, 65536)
+                if not data:
+                    break
+                count += sum(1 for line in data.split(b"\n") if line.strip())
         except (OSError, ValueError):
             pass
-        os._exit(status)
+        return count
+
+    # -- losing the connection, and reconnecting -------------------------
+
+    def _lost(self, reason: str) -> None:
+        self._close_socket()
+        unsent = len(self.lines) + sum(1 for item in self.out if item[1] is not None)
+        self.lines.clear()
+        self.out.clear()
+        if self.leaving and self.state == "connected":
+            self._end(0, None)
+            return
+        if not self.reconnect:
+            self._end(1, "lost: %s" % reason)
+            return
+        if unsent:
+            self.screen.show(
+                self._notice("Not sent: the connection was lost (%s)" % plural(unsent, "line"))
+            )
+        if self.state == "connected" and self.welcomed:
+            self.failures = 0
+            why = "Connection to %s lost: %s." % (self.where, reason)
+        else:
+            self.failures += 1
+            why = "Cannot rejoin %s: %s." % (self.where, reason)
+        self._wait(why)
+
+    def _wait(self, why: str) -> None:
+        delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(self.failures, 16))
+        delay *= random.uniform(0.8, 1.2)  # a restarted server is not hit by all at once
+        self.state = "waiting"
+        self.welcomed = False
+        self.retry_at = time.monotonic() + delay
+        self.screen.status(
+            self.formatter.notice(
+                "%s Reconnecting in %.1f s; type %s to leave." % (why, delay, QUIT_COMMAND)
+            )
+        )
+
+    def _attempt(self) -> None:
+        """Start connecting again, without waiting for it."""
+        self.state = "connecting"
+        self.attempt_deadline = time.monotonic() + CONNECT_TIMEOUT
+        try:
+            if not self.addresses:
+                self.addresses = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = self.addresses[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            error = sock.connect_ex(address)
+        except OSError as exc:
+            self._attempt_failed(exc)
+            return
+        self.sock = sock
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self._attempt_failed(OSError(error, os.strerror(error)))
+            return
+        assert self.selector is not None
+        self.selector.register(sock, selectors.EVENT_WRITE, self._on_socket)
+
+    def _connected(self) -> None:
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._attempt_failed(OSError(error, os.strerror(error)))
+            return
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls_context is None:
+            self._joining()
+            return
+        assert self.selector is not None
+        self.selector.unregister(self.sock)
+        self.sock = self.tls_context.wrap_socket(
+            self.sock, server_hostname=self.host, do_handshake_on_connect=False
+        )
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
+        self.state = "handshake"
+        self._handshake()
+
+    def _handshake(self) -> None:
+        try:
+            self.sock.do_handshake()
+        except OSError as exc:
+            name = exc.__class__.__name__
+            if name in ("SSLWantReadError", "SSLWantWriteError"):
+                self._watch(name == "SSLWantWriteError")
+                return
+            self._attempt_failed(exc)
+            return
+        self._joining()
+
+    def _joining(self) -> None:
+        self.state = "joining"
+        self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        self.last_notice = ""
+        self._queue_first(self.nick)
+
+    def _queue_first(self, text: str) -> None:
+        self.out.appendleft([encode_frame(text.encode("utf-8", "surrogatepass")), None])
+        self._send()
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        self._close_socket()
+        self.out.clear()
+        self.failures += 1
+        self._wait("Cannot reconnect to %s: %s." % (self.where, _connect_reason(exc)))
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if self.selector is not None:
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _update_prompt(self) -> None:
+        """Your nickname and the state of the connection, drawn in place."""
+        state = self.state
+        if state == "waiting":
+            label = " (reconnecting in %d s)" % math.ceil(max(self.retry_at - time.monotonic(), 0))
+        elif state != "connected":
+            label = " (connecting)"
+        else:
+            label = ""
+        style = "\x1b[1m" if self.formatter.color else ""
+        self.screen.set_prompt(shown_nick(self.nick) + label + "> ", style)
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    """The loop learns of signals from the wake-up socket; nothing to do here."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return ""
+
+
+def _has_termios() -> bool:
+    try:
+        import termios  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _is_history_begin(text: str) -> bool:
     prefix, suffix = HISTORY_BEGIN.split("%s")
     return text.startswith(prefix) and text.endswith(suffix)
-
-
-class SessionEnded(Exception):
-    """Raised in the main thread, waiting for input, when the receiver has seen
-    the session end."""
 
 
 def _ask_password() -> str | None:
@@ -4309,7 +5404,7 @@ def _ask_password() -> str | None:
 
     try:
         return getpass.getpass("Password: ")
-    except EOFError:
+    except (EOFError, KeyboardInterrupt):
         return None
 
 
@@ -4367,6 +5462,13 @@ def use_color(no_color_flag: bool, stream: Any = None) -> bool:
         return True
     stream = stream or sys.stdout
     return bool(stream.isatty()) and os.environ.get("TERM", "") != "dumb"
+
+
+def color_palette() -> Sequence[str]:
+    """256 nickname colours where the terminal says it has them, else 15."""
+    if "256color" in os.environ.get("TERM", "") or os.environ.get("COLORTERM"):
+        return NICK_COLORS_256
+    return NICK_COLORS
 
 
 # ---------------------------------------------------------------------------
@@ -4808,7 +5910,7 @@ def _ask_nick(where: str) -> str | None:
     interactive = sys.stdin.isatty()
     while True:
         try:
-            nick = input("Nickname: ") if interactive else sys.stdin.readline()
+            nick = input("Nickname: ") if interactive else _first_line()
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 sys.stdout.write("\n")
@@ -4829,6 +5931,18 @@ def _ask_nick(where: str) -> str | None:
         sys.stdout.write("A nickname %s.\n" % reason)
 
 
+def _first_line() -> str:
+    """The first line of input, read byte by byte: what follows it is read by
+    the client's loop straight from the file descriptor, past Python's buffer."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(sys.stdin.fileno(), 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode("utf-8", "replace")
+
+
 def run_client(args: argparse.Namespace) -> int:
     for stream in (sys.stdout, sys.stdin):
         # Never die on a character the terminal's encoding lacks.
@@ -4845,6 +5959,11 @@ def run_client(args: argparse.Namespace) -> int:
             return 1 if not sys.stdin.isatty() else 0
     interactive = sys.stdin.isatty()
     color = interactive and use_color(args.no_color)
+    # The line editor needs a terminal in raw mode on stdin; it moves the
+    # cursor only where stdout is a terminal that is not dumb.
+    mode = "plain"
+    if interactive and sys.platform != "win32" and _has_termios():
+        mode = "full" if _can_redraw() else "dumb" if _isatty(sys.stdout) else "plain"
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     tls_context = None
@@ -4866,21 +5985,14 @@ def run_client(args: argparse.Namespace) -> int:
         args.password,
         args.reconnect,
         args.bell,
+        mode=mode,
+        palette=color_palette(),
+        history_file=history_path() if mode != "plain" else None,
     )
-    client.saved_terminal = saved = _save_terminal()
     try:
         return client.run()
     finally:
-        _restore_terminal(saved)
-
-
-def _save_terminal() -> Any:
-    try:
-        import termios
-
-        return termios.tcgetattr(sys.stdin.fileno())
-    except Exception:  # noqa: BLE001 - not a terminal, or no termios (Windows)
-        return None
+        _restore_terminal(client.saved_terminal)
 
 
 def _restore_terminal(saved: Any) -> None:

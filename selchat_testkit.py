@@ -286,6 +286,7 @@ def clean_env(**overrides):
         "SELCHAT_HOST",
         "SELCHAT_PORT",
         "SELCHAT_PASSWORD",
+        "SELCHAT_HISTORY",
         "COLUMNS",
         "LINES",
         "PYTHONSTARTUP",
@@ -295,6 +296,7 @@ def clean_env(**overrides):
     env = {key: value for key, value in os.environ.items() if key not in drop}
     env["LC_ALL"] = "C.UTF-8"
     env["TZ"] = "UTC"
+    env["SELCHAT_HISTORY"] = ""  # no history file unless a test names one (never the user's)
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)

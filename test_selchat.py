@@ -1448,9 +1448,9 @@ def test_client_keeps_a_half_typed_line_when_a_message_arrives(server, connect, 
 def test_client_typing_through_a_stream_of_messages_loses_nothing_and_ctrl_c_still_leaves(
     server, connect, pty_client
 ):
-    # Messages land while keys are typed and while readline waits; each is
+    # Messages land while keys are typed and while the client waits; each is
     # printed above the prompt, in order, and the typed text stays whole.
-    # Ctrl+C then leaves at once, however it lands among readline's hooks.
+    # Ctrl+C then leaves at once.
     bob = connect(server.port, "bob", online=1)
     child = pty_client(server.port, "alice")
     child.expect_exact(welcome_text("alice", 2).encode())
@@ -1550,13 +1550,20 @@ def test_client_refused_connection_in_a_terminal_exits_one(pty_client):
 
 
 @needs_pty
-def test_client_with_rejected_nickname_prints_the_reason_and_exits_one(server, connect, pty_client):
+def test_client_with_rejected_nickname_prints_the_reason_once_and_asks_again(
+    server, connect, pty_client
+):
+    # A person gets a second chance (test_client.py covers giving up, and the password).
     connect(server.port, "alice", online=1)
     child = pty_client(server.port, "ALICE")
-    child.expect_exact(b"Nickname rejected: ")
-    child.expect_exact(b"selchat: ")
-    assert wait_pty_exit(child) == 1
-    assert b"Traceback" not in pty_output(child)
+    child.expect_exact(b'Nickname rejected: "ALICE" is already in use')
+    child.expect_exact(b"Nickname: ")
+    child.sendline(b"alicia")
+    child.expect_exact(b"Welcome to selchat, alicia!")
+    child.sendline(b"<quit<")
+    assert wait_pty_exit(child) == 0
+    output = pty_output(child)
+    assert output.count(b"Nickname rejected") == 1 and b"Traceback" not in output, output
 
 
 # -- colours -----------------------------------------------------------------
