@@ -4558,10 +4558,8 @@ class ChatClient:
         self.interactive = interactive
         self.reconnect = reconnect and interactive  # pipe mode never reconnects
         self.bell = bell and interactive
-        self.rate = 0.0  # the server's limit, from its welcome: we keep under it
-        self.burst = 1.0
-        self.tokens = 0.0
-        self.token_time = 0.0
+        # The server's message rate, from its welcome: we keep under it.
+        self.pace = TokenBucket(0.0, 1.0, 0.0)
         self.history_file = history_file
         self.editor = LineEditor(load_history(history_file) if mode != "plain" else [])
         self.screen = Terminal(mode, self.editor)
@@ -4828,8 +4826,8 @@ class ChatClient:
             deadlines.append(now + min(left, left - math.floor(left) or 1.0))
         elif self.state in ("connecting", "handshake", "joining"):
             deadlines.append(self.attempt_deadline)
-        if self.lines and self.state == "connected" and self.rate:
-            deadlines.append(now + max((1.0 - self.tokens) / self.rate, 0.0))
+        if self.lines and self.state == "connected" and self.pace.rate:
+            deadlines.append(now + self.pace.wait(now))
         if self.leaving and self.leave_deadline:
             deadlines.append(self.leave_deadline)
         if sys.platform == "win32":
@@ -5034,10 +5032,11 @@ class ChatClient:
             return
         # A little under the server's figures, for the clocks' sake; and never
         # so slow that a line waits for more than MAX_PACE seconds.
-        self.rate = max(rate * 0.9, 1.0 / MAX_PACE) if rate else 0.0
-        self.burst = min(max(burst * 0.9, 1.0), 1e6)
-        self.tokens = self.burst
-        self.token_time = time.monotonic()
+        self.pace = TokenBucket(
+            max(rate * 0.9, 1.0 / MAX_PACE) if rate else 0.0,
+            min(max(burst * 0.9, 1.0), 1e6),
+            time.monotonic(),
+        )
 
     def _pump(self) -> None:
         """Frame the lines the server's rate allows now (a paste or a piped
@@ -5045,11 +5044,7 @@ class ChatClient:
         if self.state != "connected":
             return
         now = time.monotonic()
-        if self.rate:
-            self.tokens = min(self.burst, self.tokens + (now - self.token_time) * self.rate)
-        self.token_time = now
-        while self.lines and (not self.rate or self.tokens >= 1.0):
-            self.tokens -= 1.0
+        while self.lines and self.pace.take(now):
             self.out.append(self._frame(self.lines.popleft()))
         self._send()
 

@@ -1288,7 +1288,7 @@ def test_the_windows_console_path_reads_lines_through_a_socket_pair(monkeypatch)
 def test_the_client_learns_the_servers_rate_from_the_welcome_within_reason(welcome, rate, burst):
     client = selchat.ChatClient("127.0.0.1", 9, "alice", color=False, interactive=False)
     client._learn_limit(welcome)
-    assert (client.rate, client.burst) == pytest.approx((rate, burst))
+    assert (client.pace.rate, client.pace.burst) == pytest.approx((rate, burst))
 
 
 def test_the_history_file_takes_each_line_at_once_and_is_cut_back_when_long(tmp_path):
