@@ -20,7 +20,8 @@ Servers (``--servers``):
   asyncio   bench/ref_server.py: the idiomatic asyncio-streams server a Python
             programmer would write instead (same protocol and texts)
   ncat      ``ncat --chat`` (nmap's ncat, C, line protocol), when installed;
-            only the scenarios a line protocol can do (fan-out, latency)
+            only the scenarios a line protocol can do (fan-out, latency,
+            overload)
 
 Scenarios (``--scenarios``):
   fanout    4 senders -> 100 receivers and 2 senders -> 1000 receivers,
@@ -34,9 +35,32 @@ Scenarios (``--scenarios``):
             that registers and then never reads. Undelivered messages count as
             infinitely late. Each case runs --repeat times (3), alternating
             without and with that client; the run with the median p99 is shown.
+  overload  paced overload: 10,000 messages a second in all from 4 senders
+            (each sends, every millisecond, what is due from the time elapsed)
+            to 100 receivers for --duration seconds: deliveries/s, p50/p99/max
+            from send to arrival, undelivered, sequence gaps, duplicated,
+            reordered. Latency is taken at the --overload-timed (10) receivers
+            that join last (selchat serves them after the other 90 in each
+            turn, its users being in join order), read at once by a
+            process of their own; the other 90 are read every 5 ms and only
+            counted and checked: one core of Python cannot read 100 sockets a
+            few thousand times a second each, and timing them all measured the
+            generator (p99 11-12 ms where the sample gives 3 ms). Runs --repeat
+            times, servers taking turns; the median p99 run is shown.
   capacity  10,000 clients each register a nickname: time until all got their
-            welcome, server memory per connected client, and whether join and
-            leave notices still reach everyone.
+            welcome, server memory per connected client, join notices, and
+            whether every client's last count of users online is right once
+            the notices settle, then again after 10 % leave.
+  joins     --joins clients (10,000) join one by one, each connecting once the
+            one before has its welcome, from one process that reads every
+            connection all along: time until all joined, the server's CPU time
+            for it (/proc/PID/stat), each newcomer's wait from connect() to its
+            welcome, then, once the notices settle, how many clients were last
+            told the right number online (from the welcome "N users online" and
+            every "(N online)" notice); then 10 % leave at once and the counts
+            are checked again. Cut short after --joins-timeout s (a server cut
+            short is not run again). Not for ncat (no nicknames, no counts) nor
+            selchat-nagle.
   big       one 50 MB message to 10 receivers: time until all have it, and the
             server's peak memory (VmHWM) above its idle VmRSS.
 
@@ -52,13 +76,23 @@ Every wait is bounded in time; nothing leaves 127.0.0.1.
 Options a selchat server gets: --max-message 64 MiB (8 with --quick), and
 where its ``server --help`` lists them --max-clients, --handshake-timeout 300,
 --rate 0 (which turns the byte rates off too), --join-rate 0 (every client
-joins from 127.0.0.1, and fan-out to 1000 and capacity bring in more than one
---join-burst) and --max-address-memory 0 (every client shares 127.0.0.1's
-budget; --max-memory keeps its default). So no limit changes a figure.
+joins from 127.0.0.1, and fan-out to 1000, capacity and joins bring in more
+than one --join-burst) and --max-address-memory 0 (every client shares
+127.0.0.1's budget; --max-memory keeps its default). So no limit changes a
+figure. --server-option OPT[=VALUE] (repeatable) adds an option to every
+selchat server whose ``server --help`` lists OPT (so a new option reaches the
+new server and not selchat-before); given later, it wins over the above.
 
 --rounds N runs every fan-out case N times, the servers taking turns, and
 shows the run with the median deliveries/s (and every run's figure); latency
 cases take turns between servers too, --repeat times each.
+
+--realtime runs the server and the load generator of every latency and
+overload case with SCHED_FIFO (root only): on a machine shared with other
+work, a server pinned to its core still waited 20-40 ms at a time on the run
+queue behind other processes (seen in /proc/PID/schedstat), which made p99
+the other work's figure, not the server's. The kernel keeps 5 % of each core
+for everything else.
 
 BENCH_PROFILE=DIR runs every load generator process under cProfile and saves
 the statistics in DIR (to check that the generator is not the bottleneck).
@@ -66,8 +100,9 @@ BENCH_SERVER_PROFILE=DIR runs every selchat server (not selchat-nagle) under
 cProfile, one file per case in DIR (SERVER-PID-N.prof): cProfile slows the
 server a lot, so compare the profiles, not the figures of such a run.
 
-    python bench/bench.py                       # everything, ~8 minutes on 2 cores
-    python bench/bench.py --quick               # smoke run, ~35 seconds
+    python bench/bench.py                       # everything, ~12 minutes on 2 cores
+    python bench/bench.py --quick               # smoke run, ~1 minute
+    python bench/bench.py --servers selchat,asyncio --scenarios joins,overload
     python bench/bench.py --servers selchat,asyncio --scenarios fanout
     python bench/bench.py --chart bench.png --json results.json
     python bench/bench.py --servers selchat,selchat-before --before OLD.py \
@@ -107,6 +142,7 @@ QUIET_TIME = 0.3  # no bytes for this long = join notices are through
 QUIET_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 5.0  # after the senders stop, while deliveries still progress
 STOP_TIMEOUT = 15.0  # SIGINT to exit
+REALTIME_PRIORITY = 10  # SCHED_FIFO priority with --realtime
 BIG_TIMEOUT = 120.0
 
 # What a relayed benchmark message looks like. Sender i registers as "S<i>" and
@@ -191,6 +227,7 @@ class Conn:
         "big_size",
         "big_start",
         "big_tail",
+        "count",
         "delivered",
         "dup",
         "eof",
@@ -232,6 +269,7 @@ class Conn:
         self.big_size = 0
         self.big_done_ns = 0
         self.welcome_text = b""
+        self.count = -1  # the last number online it was told (capacity)
 
     def account(self, s, seq):
         expected = self.exp[s]
@@ -290,6 +328,10 @@ class Worker:
         self.last_join_ns = 0
         self.reject_text = b""
         self.stats = {"recvs": 0, "fast_chunks": 0, "runs": 0, "fast_msgs": 0, "slow_msgs": 0}
+        # Latency receivers that only count and check (collect False) may read
+        # every `lazy` s instead of at once: one recv() for many messages.
+        self.collect = spec.get("collect", True)
+        self.lazy = spec.get("lazy", 0.0)
 
     # -- main loop ---------------------------------------------------------
     def run(self):
@@ -297,6 +339,8 @@ class Worker:
         next_publish = 0.0
         while self.running:
             self.connect_more()
+            if self.lazy and not self.pending and not self.handshaking:
+                time.sleep(self.lazy)
             for key, mask in self.sel.select(0.005):
                 if not self.running:
                     break  # "quit" closed every socket
@@ -430,6 +474,9 @@ class Worker:
             if not ready:
                 conn.rejected = first[:100]
             conn.welcome_text = first[:100]
+            said = COUNT_RE.search(first)
+            if said:
+                conn.count = int(said.group(1).replace(b",", b""))
             data = data[10 + length :]
         self.handshaking -= 1
         if ready:
@@ -491,7 +538,7 @@ class Worker:
             return
         conn.last_chat_ns = now
         self.stats["slow_msgs"] += 1
-        if m.group(3) is not None:
+        if m.group(3) is not None and self.collect:
             self.latencies.append(now - int(m.group(3)))
         conn.account(s, int(m.group(2)))
 
@@ -552,7 +599,7 @@ class Worker:
                 o = f * size + seq_off
                 conn.account(s, int(data[o : o + 9]))
         conn.last_chat_ns = now
-        if lay.ts_off is not None:
+        if lay.ts_off is not None and self.collect:
             self.latencies.extend([now - int(data[o : o + 20]) for o in range(lay.ts_off, m, size)])
         return m
 
@@ -564,7 +611,16 @@ class Worker:
         if GOODBYE in data:
             conn.goodbye = True
             self.drop(conn)
-        conn.tail = b""
+        # The last "(N online)" it was told, as JoinClients.read keeps it.
+        buf = conn.tail + data if conn.tail else data
+        last = None
+        for last in COUNT_RE.finditer(buf):  # noqa: B007 - the last one is wanted
+            pass
+        start = len(buf) - COUNT_TAIL
+        if last is not None:
+            conn.count = int(last.group(1).replace(b",", b""))
+            start = max(start, last.end())
+        conn.tail = buf[start:] if start > 0 else buf
 
     def read_big(self, conn):
         """Stream frames through one reused buffer; only their ends are looked at."""
@@ -627,6 +683,7 @@ class Worker:
                     "rx_bytes": self.rx_bytes,
                     "big_done": self.n_big_done,
                     "received": len(self.latencies),
+                    "delivered": sum(c.delivered for c in self.conns),
                 }
             )
         elif op == "notes":
@@ -639,6 +696,9 @@ class Worker:
                     "live": sum(1 for c in joined if not c.eof),
                     "delivered": sum(c.delivered for c in joined),
                     "goodbye": sum(1 for c in joined if c.goodbye),
+                    "right": sum(
+                        1 for c in joined if not c.eof and len(msg) > 1 and c.count == msg[1]
+                    ),
                 }
             )
         elif op == "leave":
@@ -853,15 +913,20 @@ def waitfor(sock, timeout, write=False):
 
 
 def send_paced(sock, sel, spec, t_start, t_end):
-    mode, s, rate = spec["mode"], spec["sender"], spec["rate"]
+    """Send what is due from the time elapsed, at most once every spec["tick"] s
+    (0: as soon as each message is due), each message stamped with the time its
+    batch was handed to the kernel."""
+    mode, s, rate, tick = spec["mode"], spec["sender"], spec["rate"], spec.get("tick", 0.0)
     seq = 0
     out = b""
+    last_batch = 0.0
     while True:
         now = time.monotonic()
         if now >= t_end:
             break
         due = min(int((now - t_start) * rate) + 1, int((t_end - t_start) * rate))
-        if due > seq:
+        if due > seq and now - last_batch >= tick:
+            last_batch = now
             stamp = time.monotonic_ns()
             out += b"".join(wire_message(mode, s, chat_text(s, q, stamp)) for q in range(seq, due))
             seq = due
@@ -873,7 +938,7 @@ def send_paced(sock, sel, spec, t_start, t_end):
             except OSError:
                 break
         discard(sock)
-        nxt = t_start + (seq) / rate
+        nxt = max(t_start + seq / rate, last_batch + tick)
         delay = nxt - time.monotonic()
         if delay > 0:
             waitfor(sock, min(delay, 0.005))
@@ -887,6 +952,267 @@ def send_paced(sock, sel, spec, t_start, t_end):
             break
         discard(sock)
     return seq
+
+
+# --------------------------------------------------------------------------
+# One-by-one joins
+# --------------------------------------------------------------------------
+
+# How many are online, as the welcome ("Welcome to selchat, NICK! 12 users
+# online.") and the join and leave notices ("... joined the chat (12 online)",
+# "(12,000 online)" read too) say it.
+COUNT_RE = re.compile(rb"(?:\(|! )(\d[\d,]*) (?:users? )?online")
+COUNT_TAIL = 48  # longer than any COUNT_RE match: what is kept of a read for the next one
+JOINS_DRAIN = 0.1  # seconds between two reads of every connection while clients join
+LAZY_READ = 0.005  # seconds between two reads of the overload receivers not timed
+
+
+class JoinClients:
+    """Clients that join one after another, all held open by one process.
+
+    Client i connects only once client i-1 has its welcome. Every connection is
+    read all the time (a client that stops reading would be cut at the server's
+    --max-queue), and for each the last count of users online that it was told
+    is kept: from its welcome, then from every join or leave notice.
+    """
+
+    def __init__(self, spec):
+        self.addr = (HOST, spec["port"])
+        self.server_pid = spec["server_pid"]
+        self.ep = select.epoll()  # every client with its welcome
+        self.ep_new = select.epoll()  # the newcomer, waiting for its welcome
+        self.new = -1
+        self.socks = []  # client number -> socket (None once closed)
+        self.by_fd = {}
+        self.count = []  # the last "N online" each client was told, -1: none yet
+        self.notes = []  # counts each client was told, its welcome's included
+        self.tail = []
+        self.welcomed = []  # monotonic_ns of its welcome, 0: not yet
+        self.started = []  # monotonic_ns of its connect()
+        self.live = 0  # welcomed and not closed
+        self.cut = self.rejected = self.failed = 0
+        self.why = ""
+        self.rx_bytes = 0
+        self.last_rx = time.monotonic()
+
+    def close(self, i, reset=False):
+        sock = self.socks[i]
+        if sock is None:
+            return
+        if reset:  # no TIME_WAIT left behind
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        (self.ep_new if i == self.new else self.ep).unregister(sock.fileno())
+        del self.by_fd[sock.fileno()]
+        sock.close()
+        self.socks[i] = None
+        if self.welcomed[i]:
+            self.live -= 1
+
+    def read(self, i):
+        try:
+            data = self.socks[i].recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self.welcomed[i]:
+                self.cut += 1
+            else:
+                self.failed += 1
+                self.why = self.why or "closed before its welcome"
+            self.close(i)
+            return
+        self.last_rx = time.monotonic()
+        self.rx_bytes += len(data)
+        buf = self.tail[i] + data if self.tail[i] else data
+        if not self.welcomed[i]:
+            length = int(buf[:10]) if len(buf) >= 10 and buf[:10].strip().isdigit() else None
+            if length is None or len(buf) < 10 + length:
+                if len(buf) >= 10 and length is None:
+                    self.reject(i, buf[:60])
+                else:
+                    self.tail[i] = buf
+                return
+            if not buf.startswith(b"Welcome", 10):
+                self.reject(i, buf[10 : 10 + min(length, 100)])
+                return
+            self.welcomed[i] = time.monotonic_ns()
+            self.live += 1
+        last, seen = None, 0
+        for last in COUNT_RE.finditer(buf):  # noqa: B007 - the last one is wanted
+            seen += 1
+        if last is not None:
+            self.count[i] = int(last.group(1).replace(b",", b""))
+            self.notes[i] += seen
+            start = max(last.end(), len(buf) - COUNT_TAIL)
+        else:
+            start = len(buf) - COUNT_TAIL
+        self.tail[i] = buf[start:] if start > 0 else buf
+
+    def reject(self, i, text):
+        self.rejected += 1
+        self.why = self.why or text.decode("utf-8", "replace")
+        self.close(i)
+
+    def serve(self, events):
+        by_fd = self.by_fd
+        for fd, _ in events:
+            i = by_fd.get(fd, -1)
+            if i >= 0 and self.socks[i] is not None:
+                self.read(i)
+
+    def join_all(self, n, timeout):
+        """Connect n clients one by one; returns the time of the last welcome.
+
+        The newcomer is watched on its own; everyone else is read every
+        JOINS_DRAIN s (between two joins when the welcomes come fast), so that
+        the generator's cost per notice is that of one recv() for several
+        notices and the figure is the server's, not the generator's.
+        """
+        deadline = time.monotonic() + timeout
+        next_drain = time.monotonic() + JOINS_DRAIN
+        last = 0
+        for i in range(n):
+            now = time.monotonic()
+            if now >= next_drain:
+                next_drain = now + JOINS_DRAIN
+                self.drain()
+            if now >= deadline or self.failed + self.rejected >= 10:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(max(0.1, min(10.0, deadline - now)))
+            self.started.append(time.monotonic_ns())
+            self.count.append(-1)
+            self.notes.append(0)
+            self.tail.append(b"")
+            self.welcomed.append(0)
+            try:
+                sock.connect(self.addr)
+                sock.setblocking(False)
+                sock.send(encode_frame(b"j%d" % i))
+            except OSError as exc:
+                self.failed += 1
+                self.why = self.why or "connect: %s" % exc
+                sock.close()
+                self.socks.append(None)
+                continue
+            self.socks.append(sock)
+            self.by_fd[sock.fileno()] = i
+            self.new = i
+            self.ep_new.register(sock.fileno(), select.EPOLLIN)
+            while not self.welcomed[i] and self.socks[i] is not None:
+                now = time.monotonic()
+                if now >= deadline:
+                    return last
+                if now >= next_drain:
+                    next_drain = now + JOINS_DRAIN
+                    self.drain()
+                if self.ep_new.poll(min(0.05, max(0.0, next_drain - now)), 1):
+                    self.read(i)
+            self.new = -1
+            if self.socks[i] is not None:
+                self.ep_new.unregister(sock.fileno())
+                self.ep.register(sock.fileno(), select.EPOLLIN)
+            if self.welcomed[i]:
+                last = self.welcomed[i]
+        return last
+
+    def drain(self):
+        """One read of every connection that has something."""
+        self.serve(self.ep.poll(0, len(self.by_fd) + 1))
+
+    def right(self):
+        """How many connected clients were last told the number connected."""
+        live = self.live
+        return sum(1 for i, c in enumerate(self.count) if c == live and self.socks[i] is not None)
+
+    def settle(self, quiet, timeout):
+        """Read until every client's last count is right, or nothing arrives for
+        `quiet` s (notices may be held back for a while), or for `timeout` s.
+        Returns the seconds it took for all to be right (None: never)."""
+        start = time.monotonic()
+        check = 0.0
+        while True:
+            self.serve(self.ep.poll(0.02, 1024))
+            now = time.monotonic()
+            if now >= check:
+                check = now + 0.05
+                if self.right() == self.live:
+                    return now - start
+            if now - self.last_rx >= quiet or now - start >= timeout:
+                return None
+
+    def leave(self, k):
+        """The last k connected clients close their connections at once."""
+        gone = 0
+        for i in range(len(self.socks) - 1, -1, -1):
+            if gone == k:
+                break
+            if self.socks[i] is not None and self.welcomed[i]:
+                self.close(i)
+                gone += 1
+        return gone
+
+
+def joins_main(pipe, spec):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gen = JoinClients(spec)
+    result = {}
+    try:
+        profiled(lambda: joins_run(gen, spec, result), "joins")
+    except Exception as exc:  # reported, not lost
+        result["error"] = "%s: %s" % (type(exc).__name__, exc)
+    pipe.send(result)
+    pipe.recv()  # "quit", once the server is stopped
+    for i in range(len(gen.socks)):
+        gen.close(i, reset=True)
+    pipe.send("bye")
+
+
+def joins_run(gen, spec, result):
+    n, pid = spec["clients"], spec["server_pid"]
+    cpu0, me0, busy0 = proc_cpu(pid), os.times(), machine_busy()
+    t0 = time.monotonic_ns()
+    last = gen.join_all(n, spec["timeout"])
+    cpu1, me1, busy1 = proc_cpu(pid), os.times(), machine_busy()
+    wall = max(1e-9, (time.monotonic_ns() - t0) / 1e9)
+    joined = sum(1 for w in gen.welcomed if w)
+    server = sum(cpu1) - sum(cpu0)
+    mine = sum(me1[:2]) - sum(me0[:2])
+    result.update(
+        clients=n,
+        joined=joined,
+        join_time=(last - t0) / 1e9 if joined else float("nan"),
+        failed=gen.failed,
+        rejected=gen.rejected,
+        reason=gen.why,
+        server_cpu_s=server,
+        server_cpu=server / wall,
+        gen_cpu=mine / wall,
+        other_cpu=max(0.0, (busy1 - busy0) - server - mine) / wall,
+    )
+    # Each newcomer's wait: from connect() to its welcome.
+    lat = sorted(w - c for w, c in zip(gen.welcomed, gen.started) if w)
+    result.update(
+        welcome_p50=percentile(lat, len(lat), 0.5),
+        welcome_p99=percentile(lat, len(lat), 0.99),
+        welcome_max=lat[-1] / 1e6 if lat else float("nan"),
+    )
+    settle = gen.settle(spec["quiet"], spec["settle"])
+    cpu2 = proc_cpu(pid)
+    result.update(
+        settle_time=settle,
+        live=gen.live,
+        right=gen.right(),
+        cut=gen.cut,
+        server_cpu_settled=sum(cpu2) - sum(cpu0),
+        notices=(sum(gen.notes) - joined) / max(1, joined),
+    )
+    if joined == n and spec["leave"]:
+        left = gen.leave(max(1, n * spec["leave"] // 100))
+        settle = gen.settle(spec["quiet"], spec["settle"])
+        result.update(left=left, leave_settle=settle, leave_live=gen.live, leave_right=gen.right())
 
 
 # --------------------------------------------------------------------------
@@ -953,6 +1279,10 @@ class Server:
                 str(self.opts.max_message),
             ]
             extra = selchat_options(path)
+            chosen = []
+            for option in self.opts.server_option:  # the caller's, where this server knows them
+                if option.split("=", 1)[0] in extra:
+                    chosen.append(option)
             if "--max-clients" in extra:
                 cmd += ["--max-clients", str(max_clients)]
             if "--handshake-timeout" in extra:
@@ -963,7 +1293,7 @@ class Server:
                 cmd += ["--join-rate", "0"]  # every client joins from 127.0.0.1
             if "--max-address-memory" in extra:
                 cmd += ["--max-address-memory", "0"]  # the same: one address for all
-            return cmd
+            return cmd + chosen
         if self.name == "asyncio":
             return [
                 py,
@@ -1135,8 +1465,8 @@ class Run:
             replies.append(pipe.recv())
         return replies
 
-    def status(self, op="status"):
-        st = self.ask(op)
+    def status(self, op="status", *args):
+        st = self.ask(op, *args)
         total = {k: sum(r[k] for r in st) for k in st[0] if isinstance(st[0][k], int)}
         if op == "status":
             total["fail_reason"] = next((r["fail_reason"] for r in st if r["fail_reason"]), "")
@@ -1327,19 +1657,40 @@ def scenario_fanout(server, opts, nsenders, nreceivers):
         run.close()
 
 
-def scenario_latency(server, opts, rate, nreceivers, stalled):
-    server.start(nreceivers + 100)
+def scenario_latency(server, opts, rate, nreceivers, stalled, nsenders=1, tick=0.0, timed=0):
+    """rate messages a second in all, spread over nsenders paced senders.
+
+    With `timed` (fewer than nreceivers), latency is taken at the `timed`
+    receivers that join last, read at once by a process of their own; the
+    others are read every LAZY_READ s and only counted and checked, so that the
+    load generator's one core keeps up (see the overload scenario).
+    """
+    server.start(nreceivers + nsenders + 100)
     run = Run(server)
     result = {}
     stall = None
+    timed = timed if 0 < timed < nreceivers else nreceivers
     try:
+        if timed < nreceivers:
+            run.add_workers(
+                "latency",
+                ["r%d" % i for i in range(nreceivers - timed)],
+                opts.latency_procs,
+                nsenders=nsenders,
+                collect=False,
+                lazy=LAZY_READ,
+            )
+            st = run.wait_joined(nreceivers - timed, SETUP_TIMEOUT)
         run.add_workers(
-            "latency", ["r%d" % i for i in range(nreceivers)], opts.latency_procs, nsenders=1
+            "latency",
+            ["t%d" % i for i in range(timed)],
+            1 if timed < nreceivers else opts.latency_procs,
+            nsenders=nsenders,
         )
         st = run.wait_joined(nreceivers, SETUP_TIMEOUT)
         if st["joined"] < nreceivers:
             return {"error": "only %d of %d receivers registered" % (st["joined"], nreceivers)}
-        run.add_senders("latency", 1, rate=rate)
+        run.add_senders("latency", nsenders, rate=rate / nsenders, tick=tick)
         if stalled:
             # Its small receive buffer fills within a second: from then on the
             # server has to hold (or drop) what this client is owed.
@@ -1355,13 +1706,14 @@ def scenario_latency(server, opts, rate, nreceivers, stalled):
         t_end = t_start + opts.duration
         run.go(t_start, t_end)
         time.sleep(max(0.0, t_end - time.monotonic()))
-        sent = run.sender_results(DRAIN_TIMEOUT + 10)[0]
-        if sent is None:
-            return {"error": "the sender did not finish"}
+        counts = run.sender_results(DRAIN_TIMEOUT + 10)
+        if None in counts:
+            return {"error": "a sender did not finish"}
+        sent = sum(counts)
         # until everything arrived, or for DRAIN_TIMEOUT with no progress
         last, last_change = None, time.monotonic()
         while time.monotonic() - last_change < DRAIN_TIMEOUT:
-            got = run.status()["received"]
+            got = run.status()["delivered"]
             if got >= sent * nreceivers:
                 break
             if got != last:
@@ -1373,14 +1725,20 @@ def scenario_latency(server, opts, rate, nreceivers, stalled):
         lat = array.array("q")
         for r in res:
             lat.frombytes(r["latencies"])
-        expected = sent * nreceivers
+        expected = sent * timed  # latencies: at the timed receivers
         lat = sorted(lat)
         missing = max(0, expected - len(lat))
+        last_ns = max(r["last_chat_ns"] for r in res)
+        delivered = sum(r["delivered"] for r in res)
         result = {
             "sent": sent,
             "expected": expected,
+            "timed": timed,
             "received": len(lat),
-            "lost": missing,
+            "delivered": delivered,
+            "rate": delivered / max(1e-9, last_ns / 1e9 - t_start),
+            "lost": max(0, sent * nreceivers - delivered),
+            "gaps": sum(r["missing"] for r in res),
             "dup": sum(r["dup"] for r in res),
             "reord": sum(r["reord"] for r in res),
             "bad": sum(r["bad"] for r in res),
@@ -1440,7 +1798,15 @@ def scenario_capacity(server, opts, clients):
         )
         quiet = run.wait_quiet(20 if joined == clients else 2)
         mem = server.memory()
-        st = run.status("notes")
+        # Until every client was last told the number online (a server may
+        # gather join notices over a while), or --joins-settle s.
+        t1 = time.monotonic()
+        while True:
+            st = run.status("notes", joined)
+            waited = time.monotonic() - t1
+            if st["right"] >= st["live"] or waited >= (opts.joins_settle if quiet else 2):
+                break
+            time.sleep(0.05)
         result.update(
             settled=quiet,
             rss_idle=idle,
@@ -1448,6 +1814,9 @@ def scenario_capacity(server, opts, clients):
             per_client=(mem.get("VmRSS", 0) - idle) / max(1, joined),
             with_join_note=st["with_join_note"],
             join_notes=st["join_notes"],
+            join_right=st["right"],
+            join_live=st["live"],
+            join_settle=waited if st["right"] >= st["live"] else None,
         )
         if joined == clients and quiet:
             leavers = max(1, clients // 10)
@@ -1455,21 +1824,60 @@ def scenario_capacity(server, opts, clients):
             run.ask("leave", per_worker)
             t1 = time.monotonic()
             remaining = clients - per_worker * len(run.workers)
-            while time.monotonic() - t1 < 20:
-                st = run.status("notes")
-                if st["with_left_note"] >= st["live"]:
+            while time.monotonic() - t1 < max(20, opts.joins_settle):
+                st = run.status("notes", remaining)
+                if st["right"] >= st["live"]:
                     break
                 time.sleep(0.05)
             result.update(
                 leave_time=time.monotonic() - t1,
                 left=per_worker * len(run.workers),
                 with_left_note=st["with_left_note"],
+                leave_right=st["right"],
                 remaining=remaining,
             )
         return result
     finally:
         result["stop"] = server.stop()
         run.close(reset=True)
+
+
+def scenario_joins(server, opts, clients):
+    """Clients join one by one (see JoinClients), then 10 % leave at once."""
+    server.start(clients + 1000)
+    result = {}
+    parent, child = mp.Pipe()
+    spec = {
+        "port": server.port,
+        "server_pid": server.proc.pid,
+        "clients": clients,
+        "timeout": opts.joins_timeout,
+        "quiet": opts.joins_quiet,
+        "settle": opts.joins_settle,
+        "leave": 10,
+    }
+    proc = mp.Process(target=joins_main, args=(child, spec), daemon=True)
+    try:
+        time.sleep(0.3)
+        proc.start()
+        child.close()
+        # joining, settling, leaving, settling again; the generator bounds each
+        if parent.poll(opts.joins_timeout + 2 * opts.joins_settle + 60):
+            result = parent.recv()
+        else:
+            result = {"error": "the load generator did not finish"}
+        return result
+    finally:
+        result["stop"] = server.stop()
+        try:
+            parent.send("quit")
+            parent.poll(30)
+        except OSError:
+            pass
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
 
 
 def scenario_big(server, opts, size, nreceivers):
@@ -1540,6 +1948,21 @@ def median_run(runs):
     median = dict(ranked[(len(ranked) - 1) // 2])
     if len(runs) > 1:
         median["p99_runs"] = [r.get("p99", float("inf")) for r in runs]
+    return median
+
+
+def joins_complete(r):
+    return "joined" in r and r["joined"] == r["clients"]
+
+
+def median_joins(runs):
+    """The joins run with the median time for all to join (one cut short or
+    failed counts as the slowest), with every run's time and server CPU."""
+    ranked = sorted(runs, key=lambda r: r["join_time"] if joins_complete(r) else float("inf"))
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    if len(runs) > 1:
+        median["time_runs"] = [r["join_time"] if joins_complete(r) else float("inf") for r in runs]
+        median["cpu_runs"] = [r.get("server_cpu_s", float("nan")) for r in runs]
     return median
 
 
@@ -1700,14 +2123,135 @@ def build_rows(results, servers, sizes):
             lambda r: "{:,} / {:,}".format(r["join_notes"], r["with_join_note"]),
         )
         row(
-            "  leave: clients with notice / time s",
+            "  final count right / connected (counts right after s)",
+            key,
+            lambda r: "{:,} / {:,} ({})".format(
+                r["join_right"],
+                r["join_live"],
+                "%.2f" % r["join_settle"] if r["join_settle"] is not None else "never",
+            ),
+        )
+        row(
+            "  10 % leave: count right / connected (after s)",
             key,
             lambda r: (
-                "%d of %d / %.2f" % (r["with_left_note"], r["remaining"], r["leave_time"])
+                "{:,} / {:,} ({:.2f})".format(r["leave_right"], r["remaining"], r["leave_time"])
                 if "leave_time" in r
                 else "not run"
             ),
         )
+        row(
+            "  leave: clients with a leave notice",
+            key,
+            lambda r: "{:,}".format(r["with_left_note"]) if "leave_time" in r else "not run",
+        )
+    for rate, nsenders, nr in sizes.get("overload", []):
+        key = "overload_%dx%d" % (rate, nsenders)
+        if not any(key in results[s] for s in servers):
+            continue
+        rows.append(
+            ["paced overload %d msg/s from %d senders -> %d receivers" % (rate, nsenders, nr)]
+            + [""] * len(servers)
+        )
+        row("  deliveries/s", key, lambda r: fmt_rate(r["rate"]))
+        row(
+            "  p50 / p99 / max ms",
+            key,
+            lambda r: "%s / %s / %s" % (fmt_ms(r["p50"]), fmt_ms(r["p99"]), fmt_ms(r["max"])),
+        )
+        if any("p99_runs" in results[s].get(key, {}) for s in servers):
+            row(
+                "  p99 of each run ms (median shown)",
+                key,
+                lambda r: " ".join(fmt_ms(x) for x in r["p99_runs"]),
+            )
+        row(
+            "  undelivered / gaps / dup / reordered / bad",
+            key,
+            lambda r: "%d/%d/%d/%d/%d" % (r["lost"], r["gaps"], r["dup"], r["reord"], r["bad"]),
+        )
+        row("  messages sent (x receivers)", key, lambda r: "{:,}".format(r["sent"]))
+        row(
+            "  CPU %: server / generator / other",
+            key,
+            lambda r: (
+                "%.0f / %.0f / %.0f"
+                % (100 * r["server_cpu"], 100 * r["gen_cpu"], 100 * r["other_cpu"])
+            ),
+        )
+    for clients in sizes.get("joins", []):
+        key = "joins_%d" % clients
+        if not any(key in results[s] for s in servers):
+            continue
+        rows.append(
+            ["%d clients join one by one (each after the welcome of the one before)" % clients]
+            + [""] * len(servers)
+        )
+        row(
+            "  all joined in s",
+            key,
+            lambda r: (
+                "%.2f" % r["join_time"]
+                if joins_complete(r)
+                else "no: %d joined in %.0f s%s"
+                % (r["joined"], opts_joins_timeout, " (%s)" % r["reason"] if r["reason"] else "")
+            ),
+        )
+        if any("time_runs" in results[s].get(key, {}) for s in servers):
+            row(
+                "  all joined in s, each run (median shown)",
+                key,
+                lambda r: (
+                    " ".join("%.2f" % x if x != float("inf") else "cut" for x in r["time_runs"])
+                    if "time_runs" in r
+                    else "cut short: run once"
+                ),
+            )
+        row(
+            "  server CPU s: joining / until counts settled",
+            key,
+            lambda r: "%.2f / %.2f" % (r["server_cpu_s"], r["server_cpu_settled"]),
+        )
+        row(
+            "  CPU % while joining: server / generator / other",
+            key,
+            lambda r: (
+                "%.0f / %.0f / %.0f"
+                % (100 * r["server_cpu"], 100 * r["gen_cpu"], 100 * r["other_cpu"])
+            ),
+        )
+        row(
+            "  connect to welcome p50 / p99 / max ms",
+            key,
+            lambda r: (
+                "%s / %s / %s"
+                % (fmt_ms(r["welcome_p50"]), fmt_ms(r["welcome_p99"]), fmt_ms(r["welcome_max"]))
+            ),
+        )
+        row(
+            "  final count right / connected (counts right after s)",
+            key,
+            lambda r: "{:,} / {:,} ({})".format(
+                r["right"],
+                r["live"],
+                "%.2f" % r["settle_time"] if r["settle_time"] is not None else "never",
+            ),
+        )
+        row("  count notices per client", key, lambda r: "%.1f" % r["notices"])
+        row(
+            "  10 % leave at once: count right / connected (after s)",
+            key,
+            lambda r: (
+                "{:,} / {:,} ({})".format(
+                    r["leave_right"],
+                    r["leave_live"],
+                    "%.2f" % r["leave_settle"] if r["leave_settle"] is not None else "never",
+                )
+                if "leave_right" in r
+                else "not run"
+            ),
+        )
+        row("  clients cut by the server", key, lambda r: "%d" % r["cut"])
     for size, nr in sizes["big"]:
         key = "big_%d" % size
         if not any(key in results[s] for s in servers):
@@ -1731,6 +2275,7 @@ def build_rows(results, servers, sizes):
 
 
 opts_cap_timeout = 60.0
+opts_joins_timeout = 60.0
 
 
 def print_table(rows, servers, out=sys.stdout):
@@ -1837,14 +2382,17 @@ def target_lines(results, sizes):
         if a and "joined" in a:
             all_in = a["joined"] == clients and a["join_time"] < 30
             notes = (
-                a.get("with_left_note", -1) == a.get("remaining", -2) and a["with_join_note"] > 0
+                a.get("join_right", -1) == clients
+                and a.get("leave_right", -1) == a.get("remaining", -2)
+                and a["with_join_note"] > 0
             )
             lines.append(
-                "capacity %d: selchat all joined in %.1f s (target < 30 s), notices %s: %s"
+                "capacity %d: selchat all joined in %.1f s (target < 30 s), counts after "
+                "the joins and after 10 %% left %s: %s"
                 % (
                     clients,
                     a["join_time"],
-                    "delivered" if notes else "MISSING",
+                    "right for everyone" if notes else "WRONG for some",
                     ok(all_in and notes),
                 )
             )
@@ -1861,6 +2409,42 @@ def target_lines(results, sizes):
                         ok(ratio <= 0.5),
                     )
                 )
+    for rate, nsenders, _nr in sizes.get("overload", []):
+        key = "overload_%dx%d" % (rate, nsenders)
+        a = sel.get(key)
+        if a and "p99" in a:
+            clean = a["lost"] == a["gaps"] == a["dup"] == a["reord"] == a["bad"] == 0
+            lines.append(
+                "paced overload %d msg/s from %d senders: selchat p99 %s ms (target <= 10 ms), "
+                "%s deliveries/s, %s: %s"
+                % (
+                    rate,
+                    nsenders,
+                    fmt_ms(a["p99"]),
+                    fmt_rate(a["rate"]),
+                    "nothing lost/duplicated/reordered" if clean else "ERRORS",
+                    ok(a["p99"] <= 10 and clean),
+                )
+            )
+    for clients in sizes.get("joins", []):
+        key = "joins_%d" % clients
+        a = sel.get(key)
+        if a and "joined" in a:
+            fast = joins_complete(a) and a["join_time"] <= 10
+            right = a["right"] == a["live"] == clients
+            lines.append(
+                "joins %d one by one: selchat %s (target <= 10 s), final counts right for "
+                "%d of %d connected: %s"
+                % (
+                    clients,
+                    "all joined in %.2f s" % a["join_time"]
+                    if joins_complete(a)
+                    else "%d joined in %.0f s" % (a["joined"], opts_joins_timeout),
+                    a["right"],
+                    a["live"],
+                    ok(fast and right),
+                )
+            )
     for size, _nr in sizes["big"]:
         key = "big_%d" % size
         a, b = sel.get(key), ref.get(key)
@@ -1887,7 +2471,15 @@ def write_chart(path, results, servers, sizes):
     fan = ["fanout_%dx%d" % k for k in sizes["fanout"]]
     lat = ["latency_%d" % r for r, _ in sizes["latency"]]
     lat += ["latency_%d_stalled" % r for r, _ in sizes["latency"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lat_labels = ["%d/s" % r for r, _ in sizes["latency"]]
+    lat_labels += ["%d/s+stalled" % r for r, _ in sizes["latency"]]
+    for rate, nsenders, _nr in sizes.get("overload", []):
+        lat.append("overload_%dx%d" % (rate, nsenders))
+        lat_labels.append("%d/s from %d\n(overload)" % (rate, nsenders))
+    joins = ["joins_%d" % n for n in sizes.get("joins", [])]
+    fig, (ax1, ax2, ax3) = plt.subplots(
+        1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [2, 3, 2]}
+    )
     width = 0.8 / max(1, len(servers))
     for i, s in enumerate(servers):
         vals = [results[s].get(k, {}).get("rate", 0) for k in fan]
@@ -1897,22 +2489,43 @@ def write_chart(path, results, servers, sizes):
         vals = [v if v != float("inf") else 1e5 for v in vals]
         xs = [j + i * width for j in range(len(lat))]
         ax2.bar(xs, vals, width, label=s)
+        for j, k in enumerate(joins):
+            r = results[s].get(k)
+            if not r or "joined" not in r:
+                ax3.text(j + i * width, 0, "n/a" if not r else "failed", ha="center", fontsize=7)
+                continue
+            done = joins_complete(r)
+            x = j + i * width
+            height = r["join_time"] if done else opts_joins_timeout
+            ax3.bar(x, height, width, color="C%d" % i, label=s, hatch=None if done else "//")
+            ax3.text(
+                x,
+                height,
+                "%.1f s" % height if done else "%d joined\nin %.0f s" % (r["joined"], height),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax1.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(fan))])
     ax1.set_xticklabels(["%d -> %d" % k for k in sizes["fanout"]])
     ax1.set_yscale("log")
     ax1.set_ylabel("deliveries / s (log)")
     ax1.set_title("fan-out throughput (higher is better)")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     ax2.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(lat))])
-    ax2.set_xticklabels(
-        ["%d/s" % r for r, _ in sizes["latency"]]
-        + ["%d/s+stalled" % r for r, _ in sizes["latency"]],
-        fontsize=8,
-    )
+    ax2.set_xticklabels(lat_labels, fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("p99 latency, ms (log; undelivered = 1e5)")
     ax2.set_title("latency to %d receivers (lower is better)" % sizes["latency"][0][1])
-    ax2.legend()
+    ax2.legend(fontsize=8)
+    ax3.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(joins))])
+    ax3.set_xticklabels(["%d clients" % n for n in sizes.get("joins", [])])
+    ax3.set_ylabel("seconds until all joined (hatched: cut short)")
+    ax3.set_title("one-by-one joins (lower is better)")
+    if joins:
+        ax3.axhline(10, color="grey", linestyle=":", linewidth=1)
+        ax3.set_ylim(0, max(12.0, ax3.get_ylim()[1] * 1.25))  # room for the labels
+        ax3.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -1924,14 +2537,14 @@ def write_chart(path, results, servers, sizes):
 
 
 def main():
-    global opts_cap_timeout
+    global opts_cap_timeout, opts_joins_timeout
     parser = argparse.ArgumentParser(
         description="Benchmark selchat's server against an asyncio reference and ncat --chat.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--servers", default="selchat,selchat-nagle,asyncio,ncat")
-    parser.add_argument("--scenarios", default="fanout,latency,capacity,big")
+    parser.add_argument("--scenarios", default="fanout,latency,overload,capacity,joins,big")
     parser.add_argument(
         "--duration",
         type=float,
@@ -1972,6 +2585,55 @@ def main():
     parser.add_argument("--batch", type=int, default=50, help="messages per fan-out send")
     parser.add_argument("--capacity-timeout", type=float, default=60.0)
     parser.add_argument(
+        "--joins",
+        type=int,
+        default=None,
+        help="clients of the one-by-one joins scenario (default 10000, quick 1000)",
+    )
+    parser.add_argument(
+        "--joins-timeout",
+        type=float,
+        default=None,
+        help="seconds the one-by-one joins may take before they are cut short "
+        "(default 60, quick 30); a server that needs more is not run again",
+    )
+    parser.add_argument(
+        "--joins-quiet",
+        type=float,
+        default=8.0,
+        help="after the joins, seconds without a byte after which the counts are "
+        "taken as final, if they are not all right before (default 8: longer than "
+        "selchat's longest notice window, 5 s)",
+    )
+    parser.add_argument(
+        "--joins-settle",
+        type=float,
+        default=30.0,
+        help="at most this long for the counts to come right (default 30)",
+    )
+    parser.add_argument(
+        "--overload",
+        metavar="RATExSENDERS",
+        default=None,
+        help="paced overload: messages a second in all x senders, to 100 receivers "
+        "(default 10000x4)",
+    )
+    parser.add_argument(
+        "--overload-timed",
+        type=int,
+        default=10,
+        help="overload receivers at which latency is taken: those that join last, read "
+        "at once; the others are read every 5 ms and only checked (default 10; 0: all)",
+    )
+    parser.add_argument(
+        "--server-option",
+        action="append",
+        default=[],
+        metavar="OPT[=VALUE]",
+        help="an option for every selchat server whose `server --help` lists it "
+        "(repeatable), e.g. --server-option=--history=0",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=None,
@@ -1984,12 +2646,24 @@ def main():
         help="fan-out cases as senders x receivers (default 4x100,2x1000)",
     )
     parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="latency and overload cases: run the server and the load generator with "
+        "SCHED_FIFO (as root), so that other work on the machine does not hold them "
+        "up on their cores (the kernel still keeps 5 %% of each core for the rest)",
+    )
+    parser.add_argument(
         "--no-pin",
         action="store_true",
         help="do not pin the server to CPU 1 and the load generator to CPU 0",
     )
     opts = parser.parse_args()
     opts_cap_timeout = opts.capacity_timeout
+    if opts.joins is None:
+        opts.joins = 1000 if opts.quick else 10000
+    if opts.joins_timeout is None:
+        opts.joins_timeout = 30.0 if opts.quick else 60.0
+    opts_joins_timeout = opts.joins_timeout
     opts.selchat = os.path.abspath(opts.selchat)
     opts.before = os.path.abspath(opts.before) if opts.before else None
     opts.rounds = max(1, opts.rounds)
@@ -2004,6 +2678,7 @@ def main():
             "latency": [(2000, 20)],
             "capacity": [500],
             "big": [(5 << 20, 10)],
+            "overload": [(10000, 4, 20)],
         }
         opts.inflight = min(opts.inflight, 20000)
     else:
@@ -2012,8 +2687,13 @@ def main():
             "latency": [(500, 100), (2000, 100)],
             "capacity": [10000],
             "big": [(50 << 20, 10)],
+            "overload": [(10000, 4, 100)],
         }
     opts.max_message = 64 << 20 if not opts.quick else 8 << 20
+    sizes["joins"] = [opts.joins]
+    if opts.overload:
+        rate, nsenders = (int(x) for x in opts.overload.split("x"))
+        sizes["overload"] = [(rate, nsenders, sizes["overload"][0][2])]
     if opts.fanout:
         sizes["fanout"] = [
             tuple(int(x) for x in case.split("x")) for case in opts.fanout.split(",")
@@ -2044,7 +2724,7 @@ def main():
         servers.append(name)
     scenarios = [s.strip() for s in opts.scenarios.split(",")]
     for s in scenarios:
-        if s not in ("fanout", "latency", "capacity", "big"):
+        if s not in ("fanout", "latency", "overload", "capacity", "joins", "big"):
             parser.error("unknown scenario %r" % s)
 
     note(
@@ -2077,8 +2757,16 @@ def main():
     def record(name, key, fn, *args):
         server = Server(name, opts)
         t = time.monotonic()
+        # --realtime: the server and every generator process inherit SCHED_FIFO
+        realtime = opts.realtime and fn is scenario_latency
         try:
-            r = fn(server, opts, *args)
+            if realtime:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+            try:
+                r = fn(server, opts, *args)
+            finally:
+                if realtime:
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         except Exception as exc:  # one failed case must not lose the others
             r = {"error": "%s: %s" % (type(exc).__name__, exc)}
             try:
@@ -2103,6 +2791,14 @@ def main():
                 "time",
                 "growth",
                 "gen_stats",
+                "server_cpu_s",
+                "welcome_p99",
+                "right",
+                "live",
+                "settle_time",
+                "leave_right",
+                "gaps",
+                "reason",
             )
         )
         note(
@@ -2137,6 +2833,41 @@ def main():
                             runs[name, key].append(results[name][key])
                 for (name, key), done in runs.items():
                     results[name][key] = median_run(done)
+            continue
+        if scenario == "overload":
+            for rate, nsenders, nr in sizes["overload"]:
+                key = "overload_%dx%d" % (rate, nsenders)
+                runs = {name: [] for name in servers}
+                for _ in range(opts.repeat):
+                    for name in servers:
+                        record(
+                            name,
+                            key,
+                            scenario_latency,
+                            rate,
+                            nr,
+                            False,
+                            nsenders,
+                            0.001,
+                            opts.overload_timed,
+                        )
+                        runs[name].append(results[name][key])
+                for name, done in runs.items():
+                    results[name][key] = median_run(done)
+            continue
+        if scenario == "joins":
+            for clients in sizes["joins"]:
+                key = "joins_%d" % clients
+                names = [n for n in servers if n not in ("ncat", "selchat-nagle")]
+                runs = {name: [] for name in names}
+                for _ in range(opts.repeat):
+                    for name in names:
+                        if runs[name] and not joins_complete(runs[name][-1]):
+                            continue  # cut short by --joins-timeout: once is enough
+                        record(name, key, scenario_joins, clients)
+                        runs[name].append(results[name][key])
+                for name, done in runs.items():
+                    results[name][key] = median_joins(done)
             continue
         for name in servers:
             if name == "ncat":
