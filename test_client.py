@@ -36,6 +36,7 @@ from selchat_testkit import (
     needs_pty,
     pexpect,
 )
+from test_features import start_on
 from test_hostile import make_cert, tls_args  # noqa: F401 - make_cert: a fixture used here too
 
 ROWS, COLS = 12, 40
@@ -470,16 +471,6 @@ def prompt_row(screen):
     rows = screen.screen.display_rows()
     found = [row for row in rows if re.match(r"alice( \([^)]*\))?> ", row)]
     return found[0] if len(found) == 1 else None
-
-
-def start_on(start_server, port, *args):
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            return start_server("--host", "127.0.0.1", "--port", str(port), *args, address=False)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
 
 
 @needs_pty
