@@ -33,14 +33,14 @@ from selchat_testkit import (
 def start_server():
     """Factory: a server on 127.0.0.1 and a free port (`--port 0`), with extra
     arguments; address=False leaves --host and --port to them. env replaces
-    clean_env(); nofile sets its file descriptor limit."""
+    clean_env(); nofile sets its file descriptor limit, fsize its file size limit."""
     servers = []
 
-    def start(*args, env=None, nofile=None, address=True):
+    def start(*args, env=None, nofile=None, fsize=None, address=True):
         argv = [str(arg) for arg in args]
         if address:
             argv = ["--host", "127.0.0.1", "--port", "0", *argv]
-        server = ServerProcess(argv, env=env, nofile=nofile)
+        server = ServerProcess(argv, env=env, nofile=nofile, fsize=fsize)
         servers.append(server)
         return server
 

@@ -737,6 +737,38 @@ class Budget:
         return 0 < self.limit < self.held
 
 
+class Lockout:
+    """Wrong passwords in a row from one address, and the lockout they earned:
+    after ``tries`` of them, 1 s, doubling with every further one up to
+    PASSWORD_LOCKOUT_MAX. They are remembered that long after the last one."""
+
+    __slots__ = ("failed_at", "failures", "locked_until", "refused")
+
+    def __init__(self) -> None:
+        self.failures = 0  # wrong passwords in a row
+        self.failed_at = 0.0  # when the last one came
+        self.locked_until = 0.0
+        self.refused = 0  # passwords refused unchecked in the lockout, not yet logged
+
+    def locked(self, now: float) -> bool:
+        return now < self.locked_until
+
+    def fail(self, now: float, tries: int) -> float:
+        """Count a wrong one; the lockout it starts (0: none yet)."""
+        self.failures += 1
+        self.failed_at = now
+        if self.failures < tries:
+            return 0.0
+        lockout = min(2.0 ** (self.failures - tries), PASSWORD_LOCKOUT_MAX)
+        self.locked_until = now + lockout
+        return lockout
+
+    def forgettable(self, now: float) -> bool:
+        return now >= self.locked_until and (
+            not self.failures or now >= self.failed_at + PASSWORD_LOCKOUT_MAX
+        )
+
+
 class Account(Budget):
     """What one address holds, how fast it may send and join, and its wrong passwords.
 
@@ -744,17 +776,7 @@ class Account(Budget):
     full again, no lockout running), so reconnecting refills nothing.
     """
 
-    __slots__ = (
-        "bytes",
-        "conns",
-        "failed_at",
-        "failures",
-        "host",
-        "joins",
-        "locked_until",
-        "messages",
-        "refused",
-    )
+    __slots__ = ("bytes", "conns", "host", "joins", "messages", "ops", "password")
 
     def __init__(self, host: str, limit: int, config: ServerConfig, now: float) -> None:
         super().__init__(limit)
@@ -763,17 +785,15 @@ class Account(Budget):
         self.messages = TokenBucket(config.address_rate, config.address_burst, now)
         self.bytes = TokenBucket(config.address_byte_rate, config.address_byte_burst, now)
         self.joins = TokenBucket(config.join_rate, config.join_burst, now)
-        self.failures = 0  # wrong passwords in a row
-        self.failed_at = 0.0  # when the last one came
-        self.locked_until = 0.0
-        self.refused = 0  # passwords refused unchecked in the lockout, not yet logged
+        self.password = Lockout()  # wrong server passwords
+        self.ops = Lockout()  # wrong /op passwords
 
     def forgettable(self, now: float) -> bool:
         return (
             not self.conns
-            and now >= self.locked_until
             # wrong passwords are remembered long enough for the lockout to grow
-            and (not self.failures or now >= self.failed_at + PASSWORD_LOCKOUT_MAX)
+            and self.password.forgettable(now)
+            and self.ops.forgettable(now)
             and self.messages.full(now)
             and self.bytes.full(now)
             and self.joins.full(now)
@@ -974,6 +994,7 @@ class ServerConfig:
         join_burst: int = DEFAULT_JOIN_BURST,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         password_tries: int = DEFAULT_PASSWORD_TRIES,
+        ops_password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -1016,6 +1037,7 @@ class ServerConfig:
         self.join_burst = max(join_burst, 1)
         self.frame_timeout = frame_timeout
         self.password_tries = max(password_tries, 1)
+        self.ops_password = ops_password
 
 
 class Connection:
@@ -1046,7 +1068,9 @@ class Connection:
         "nick_bytes",
         "nick_field",
         "nick_key",
+        "op",
         "out",
+        "searching",
         "skip",
         "sock",
         "state",
@@ -1096,6 +1120,8 @@ class Connection:
         # With --redis, what arrives while Redis is asked about the nickname.
         self.held: bytearray | None = None
         self.held_raw: bytearray | None = None
+        self.op = False  # an operator, for this session (/op)
+        self.searching = False  # a /search of its is running
 
     @property
     def name(self) -> str:
@@ -1154,7 +1180,7 @@ class ChatServer:
     _housekeeping and _shutdown.
     """
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(self, config: ServerConfig | None = None, store: Store | None = None) -> None:
         self.config = config = config or ServerConfig()
         self.max_message = config.max_message
         self.max_queue = config.max_queue
@@ -1204,6 +1230,30 @@ class ChatServer:
         # one client's queue, so it also keeps to half of --max-queue.
         self.history_size = config.history
         self.history = History(config.history, self.max_queue // 2, self.memory)
+        # Running the room: operators, the topic, bans, and the history on disk.
+        self.ops_digest = (
+            hashlib.sha256(config.ops_password.encode("utf-8")).digest()
+            if config.ops_password
+            else None
+        )
+        self.topic: tuple[str, str, float] | None = None  # text, who set it, when (Unix time)
+        self.bans: dict[str, Ban] = {}  # by network ("203.0.113.7/32")
+        self.store = store
+        self._to_store: list[Buffer] = []  # this turn's chat, for the store
+        self._store_behind_at = -STORE_RETRY  # when "not keeping up" was last logged
+
+    def restore(
+        self, frames: list[bytes], topic: tuple[str, str, float] | None, bans: list[Ban]
+    ) -> None:
+        """Take up what a store (or Redis) kept: the history (unless there is
+        one already), the topic and the bans."""
+        if self.history_size and not len(self.history):
+            for frame in frames[-self.history_size :]:
+                self.history.remember((Held(frame),))
+        if topic is not None and topic[0] and self.topic is None:  # the room's (Redis) first
+            self.topic = topic
+        for ban in bans:
+            self.bans[ban.key] = ban
 
     # -- setting up -------------------------------------------------------
 
@@ -1248,6 +1298,18 @@ class ChatServer:
         if self.listener is None:
             self.listen()
         self._install_signal_handlers()
+        if self.store is not None:
+            self.selector.register(self.store.wakeup[0], selectors.EVENT_READ, self._on_store)
+            self.store.start()
+            log(
+                "storing the history in %s (%s)"
+                % (
+                    self.store.path,
+                    "kept for %g days" % (self.store.keep / 86400)
+                    if self.store.keep
+                    else "kept for ever",
+                )
+            )
         log("listening on %s%s" % (self.address, " (TLS)" if self.tls_context else ""))
         select = self.selector.select
         try:
@@ -1340,6 +1402,14 @@ class ChatServer:
             log("refused %s: server full (%s)" % (address, clients))
             _send_and_close(sock, "Server is full (%s); try again later" % clients)
             return
+        if self.bans:
+            ban = self._ban_for(host)
+            if ban is not None:
+                if not ban.refused:  # the first is logged; the rest counted (_forget)
+                    log("refused %s: banned (%s)" % (address, ban.shown()))
+                ban.refused += 1
+                _send_and_close(sock, ban.notice(self._bans_last))
+                return
         per_address = config.max_per_address
         if per_address is None and not _is_loopback(host):
             per_address = DEFAULT_MAX_PER_ADDRESS
@@ -1813,7 +1883,9 @@ class ChatServer:
         return True
 
     def _relayed(self, buffers: Sequence[Buffer]) -> None:
-        """Chat frames that went to the room (and the history)."""
+        """Chat frames that went to the room (and the history): to the store too."""
+        if self.store is not None:
+            self._to_store.extend(buffers)
 
     def _register(self, conn: Connection, data: Buffer, start: int, stop: int) -> bool:
         try:
@@ -1901,10 +1973,11 @@ class ChatServer:
             if self.rate
             else ""
         )
+        topic = " Topic: %s" % self.topic[0] if self.topic else ""
         self._tell(
             conn,
-            "Welcome to selchat, %s! %s online. Type %s to leave.%s"
-            % (nick, plural(self._online(), "user"), QUIT_COMMAND, limit),
+            "Welcome to selchat, %s! %s online. Type %s to leave.%s%s"
+            % (nick, plural(self._online(), "user"), QUIT_COMMAND, limit, topic),
         )
         conn.joined = time.monotonic()
         self._replay_history(conn)
@@ -1917,36 +1990,33 @@ class ChatServer:
         # Both sides hashed first: compare_digest() is constant-time only for
         # inputs of equal length.
         account = conn.account
+        lockout = account.password
         now = self._now
-        if now < account.locked_until:
+        if lockout.locked(now):
             # Not checked, and not logged one by one: counted, and logged once.
-            account.refused += 1
+            lockout.refused += 1
             self._close_when_done(
                 conn,
                 "Too many wrong passwords from your address; try again in %d s"
-                % (account.locked_until - now + 1),
+                % (lockout.locked_until - now + 1),
             )
             return False
         self._log_refused(account)
         digest = hashlib.sha256(memoryview(data)[start:stop]).digest()
         assert self.password_digest is not None and conn.asked_nick is not None
         if not hmac.compare_digest(digest, self.password_digest):
-            account.failures += 1
-            account.failed_at = now
-            tries = self.config.password_tries
-            if account.failures < tries:
+            seconds = lockout.fail(now, self.config.password_tries)
+            if not seconds:
                 self._reject(conn, "Wrong password", "wrong password")
                 return False
-            lockout = min(2.0 ** (account.failures - tries), PASSWORD_LOCKOUT_MAX)
-            account.locked_until = now + lockout
             self._reject(
                 conn,
-                "Wrong password; too many from your address, try again in %d s" % lockout,
+                "Wrong password; too many from your address, try again in %d s" % seconds,
                 "wrong password, %d in a row from %s: locked out for %d s"
-                % (account.failures, conn.host, lockout),
+                % (lockout.failures, conn.host, seconds),
             )
             return False
-        account.failures = 0
+        lockout.failures = 0
         return self._accept_nick(conn, conn.asked_nick)
 
     def _admit(self, conn: Connection, size: int, cost: float = 1.0) -> bool:
@@ -2053,7 +2123,14 @@ class ChatServer:
             conn,
             _who_text(
                 [user.nick_key for user in users],
-                lambda i: "%s (joined %s ago)" % (users[i].nick, duration(now - users[i].joined)),
+                lambda i: (
+                    "%s (%sjoined %s ago)"
+                    % (
+                        users[i].nick,
+                        "operator, " if users[i].op else "",
+                        duration(now - users[i].joined),
+                    )
+                ),
                 prefix,
             ),
         )
@@ -2109,7 +2186,11 @@ class ChatServer:
 
     def _rename(self, conn: Connection, old: str, new: str) -> None:
         rates = self.user_rates.pop(conn.nick_key, None)
+        if conn.op:
+            self._control("deop", conn.nick_key)
         self._name(conn, new)
+        if conn.op:
+            self._opped(conn)
         if rates is not None:  # the rates go with the user, not with the name
             self.user_rates[conn.nick_key] = rates
         self._tell(conn, RENAMED + new)
@@ -2127,12 +2208,413 @@ class ChatServer:
         frame = encode_frame("\0".join((utc_stamp(), field, parts[1])).encode("utf-8"))
         self._relay_chat((Held(frame),), conn, to_sender=True)  # the server wrote this line
 
+    # -- running the room: operators, the topic, bans, search --------------
+
+    def _ops_only(self, conn: Connection, what: str) -> bool:
+        if conn.op:
+            return True
+        self._tell(
+            conn,
+            "Only operators can %s%s"
+            % (
+                what,
+                " (/op PASSWORD makes you one)"
+                if self.ops_digest is not None
+                else "; this server has none (it was started without --ops-password)",
+            ),
+        )
+        return False
+
+    def _cmd_op(self, conn: Connection, line: str) -> None:
+        """/op PASSWORD: become an operator (/kick, /ban, /unban, /bans, /topic TEXT)"""
+        if not self._charge_command(conn, OP_COST - 1):
+            return
+        parts = line.split(None, 1)
+        if self.ops_digest is None:
+            self._tell(conn, "No operators here: the server was started without --ops-password")
+            return
+        if len(parts) < 2:
+            self._tell(conn, "Type /op PASSWORD")
+            return
+        if conn.op:
+            self._tell(conn, "You are an operator already")
+            return
+        account = conn.account
+        lockout = account.ops
+        now = self._now
+        if lockout.locked(now):
+            lockout.refused += 1  # not checked, and logged once (_forget)
+            self._tell(
+                conn,
+                "Too many wrong operator passwords from your address; try again in %d s"
+                % (lockout.locked_until - now + 1),
+            )
+            return
+        self._log_refused(account)
+        digest = hashlib.sha256(parts[1].encode("utf-8")).digest()
+        if not hmac.compare_digest(digest, self.ops_digest):
+            seconds = lockout.fail(now, self.config.password_tries)
+            if seconds:
+                log(
+                    "%s: wrong operator password, %d in a row from %s: locked out for %d s"
+                    % (conn.name, lockout.failures, conn.host, seconds)
+                )
+                self._tell(
+                    conn,
+                    "Wrong operator password; too many from your address, try again in %d s"
+                    % seconds,
+                )
+            else:
+                log("%s: wrong operator password" % conn.name)
+                self._tell(conn, "Wrong operator password")
+            return
+        lockout.failures = 0
+        conn.op = True
+        self._who_snapshot = None
+        self._opped(conn)
+        log("%s is an operator" % conn.name)
+        self._tell(
+            conn,
+            "You are an operator now: /kick NICK [REASON], /ban NICK|ADDRESS [DURATION] "
+            "[REASON], /unban ADDRESS, /bans and /topic TEXT",
+        )
+        if self.store is not None and self.store.failure is not None:
+            self._tell(conn, self._store_failed_text(self.store.failure))
+
+    def _cmd_kick(self, conn: Connection, line: str) -> None:
+        """/kick NICK [REASON]: disconnect NICK, telling why (operators)"""
+        if not self._ops_only(conn, "kick"):
+            return
+        parts = line.split(None, 2)
+        if len(parts) < 2:
+            self._tell(conn, "Type /kick NICK [REASON]")
+            return
+        reason = parts[2].strip() if len(parts) > 2 else ""
+        target = self.users.get(parts[1].casefold())
+        if target is conn:
+            self._tell(conn, "You cannot kick yourself out; type %s to leave" % QUIT_COMMAND)
+        elif target is not None:
+            self._kick(target, conn.nick or "", reason)
+        else:
+            self._kick_elsewhere(conn, parts[1], reason)
+
+    def _kick_elsewhere(self, conn: Connection, nick: str, reason: str) -> None:
+        self._tell(conn, _nobody(nick))
+
+    def _kick(self, target: Connection, by: str, reason: str) -> None:
+        why = ": " + reason if reason else ""
+        self._notice("%s was kicked out by %s%s" % (target.nick, by, why), target)
+        self._reject(
+            target,
+            "You were kicked out by %s%s" % (by, why),
+            "kicked out by %s%s" % (by, why),
+        )
+
+    def _cmd_ban(self, conn: Connection, line: str) -> None:
+        """/ban NICK|ADDRESS [DURATION] [REASON]: refuse an address, 30m, 2h, 7d... (operators)"""
+        if not self._ops_only(conn, "ban"):
+            return
+        parts = line.split(None, 3)
+        if len(parts) < 2:
+            self._tell(
+                conn, "Type /ban NICK|ADDRESS [DURATION] [REASON]; DURATION like 30m, 2h or 7d"
+            )
+            return
+        seconds = parse_duration(parts[2]) if len(parts) > 2 else None
+        reason = " ".join(parts[3 if seconds is not None else 2 :]).strip()
+        until = time.time() + seconds if seconds is not None else None
+        target = self.users.get(parts[1].casefold())
+        if target is not None:
+            network, nick = host_network(target.host), target.nick or ""
+        else:
+            network, nick = parse_network(parts[1]), ""
+            if network is None:
+                if self._ban_elsewhere(conn, parts[1], until, reason):
+                    return
+                self._tell(
+                    conn,
+                    "Not banned: %s is neither an address nor the nickname of someone online"
+                    % sanitize(parts[1][:64]),
+                )
+                return
+        if network is None:  # a connection whose address cannot be parsed
+            self._tell(conn, "Not banned: %s's address cannot be banned" % nick)
+            return
+        own = parse_network(conn.host)
+        if own is not None and own.version == network.version and own.subnet_of(network):
+            self._tell(conn, "Not banned: %s is your own address" % shown_network(network))
+            return
+        ban = Ban(network, until, conn.nick or "", reason, nick)
+        self._ban(ban)
+        self._tell(
+            conn,
+            "Banned %s %s"
+            % (ban.shown() + (" (%s)" % nick if nick else ""), ban.end_text(self._bans_last)),
+        )
+
+    def _ban_elsewhere(self, conn: Connection, nick: str, until: float | None, reason: str) -> bool:
+        """Ban a user of another server by nickname; False when there is none to ask."""
+        return False
+
+    def _ban(self, ban: Ban, shared: bool = True) -> None:
+        """Add (or replace) a ban and disconnect everyone it covers."""
+        self.bans[ban.key] = ban
+        if self.store is not None:
+            self.store.job(functools.partial(Store.save_ban, ban))
+        if shared:
+            self._control(
+                "ban",
+                ban.key,
+                "" if ban.until is None else repr(ban.until),
+                ban.nick,
+                ban.by,
+                ban.reason,
+                repr(ban.at),
+            )
+        log(
+            "%s banned %s %s%s"
+            % (
+                ban.by,
+                ban.shown(),
+                ban.end_text(self._bans_last),
+                ": " + ban.reason if ban.reason else "",
+            )
+        )
+        notice = ban.notice(self._bans_last)
+        for conn in [c for c in self.connections if not c.closing]:
+            address = _ip_address(conn.host)
+            if address is None or not ban.covers(address):
+                continue
+            if conn.nick is not None and conn.state == CHATTING:
+                self._notice(
+                    "%s was banned by %s%s"
+                    % (conn.nick, ban.by, ": " + ban.reason if ban.reason else ""),
+                    conn,
+                )
+            self._reject(conn, notice, "banned")
+
+    def _cmd_unban(self, conn: Connection, line: str) -> None:
+        """/unban ADDRESS: end a ban (operators)"""
+        if not self._ops_only(conn, "unban"):
+            return
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            self._tell(conn, "Type /unban ADDRESS (/bans lists them)")
+            return
+        wanted = parts[1].strip()
+        network = parse_network(wanted)
+        ban = self.bans.get(str(network)) if network is not None else None
+        if ban is None:  # the nickname it was banned with
+            folded = wanted.casefold()
+            ban = next(
+                (b for b in self.bans.values() if b.nick and b.nick.casefold() == folded), None
+            )
+        if ban is None:
+            self._tell(conn, "No ban on %s (/bans lists them)" % sanitize(wanted[:64]))
+            return
+        self._unban(ban.key)
+        log("%s unbanned %s" % (conn.nick, ban.shown()))
+        self._tell(conn, "Unbanned %s" % ban.shown())
+
+    def _unban(self, key: str, shared: bool = True) -> None:
+        self.bans.pop(key, None)
+        if self.store is not None:
+            self.store.job(functools.partial(Store.drop_ban, key))
+        if shared:
+            self._control("unban", key)
+
+    def _cmd_bans(self, conn: Connection, line: str) -> None:
+        """/bans: the addresses banned, and until when (operators)"""
+        if not self._ops_only(conn, "list the bans"):
+            return
+        now = time.time()
+        bans = sorted((b for b in self.bans.values() if not b.ended(now)), key=lambda b: b.at)
+        if not bans:
+            self._tell(conn, "No bans")
+            return
+        shown = [
+            "%s (%s%s %s%s)"
+            % (
+                ban.shown(),
+                ban.nick + ", " if ban.nick else "",
+                "by " + ban.by + ",",
+                ban.end_text(self._bans_last),
+                ": " + ban.reason if ban.reason else "",
+            )
+            for ban in bans[:WHO_NAMES]
+        ]
+        more = ", and %d more" % (len(bans) - WHO_NAMES) if len(bans) > WHO_NAMES else ""
+        self._tell(conn, "%s: %s%s" % (plural(len(bans), "ban"), ", ".join(shown), more))
+
+    def _cmd_topic(self, conn: Connection, line: str) -> None:
+        """/topic [TEXT]: the room's topic; operators set it (/topic - clears it)"""
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            if self.topic is None:
+                self._tell(conn, "No topic is set")
+            else:
+                text, nick, at = self.topic
+                self._tell(conn, "Topic: %s (set by %s, %s)" % (text, nick, _utc_time(at)))
+            return
+        if not self._ops_only(conn, "set the topic"):
+            return
+        text = parts[1].strip()
+        if text == "-":
+            text = ""
+        if len(text) > MAX_TOPIC:
+            self._tell(conn, "Topic not set: at most %d characters" % MAX_TOPIC)
+            return
+        if not self._charge_command(conn, NICK_COST - 1):  # told to everyone
+            return
+        self._set_topic(text, conn.nick or "", time.time())
+        self._notice(
+            "%s set the topic: %s" % (conn.nick, text)
+            if text
+            else "%s cleared the topic" % conn.nick
+        )
+        log("%s %s" % (conn.name, "set the topic: %s" % text if text else "cleared the topic"))
+
+    def _set_topic(self, text: str, nick: str, at: float, shared: bool = True) -> None:
+        self.topic = (text, nick, at) if text else None
+        if self.store is not None:
+            self.store.job(functools.partial(Store.save_topic, text, nick, at))
+        if shared:
+            self._control("topic", text, nick, repr(at))
+
+    def _cmd_search(self, conn: Connection, line: str) -> None:
+        """/search WORDS: the last 20 messages with all of them ("quotes" for a phrase)"""
+        store = self.store
+        if store is None:
+            self._tell(
+                conn,
+                "Not searched: this server keeps no history on disk "
+                "(it was started without --store)",
+            )
+            return
+        parts = line.split(None, 1)
+        query = parts[1].strip()[:MAX_SEARCH] if len(parts) > 1 else ""
+        if not search_terms(query):
+            self._tell(conn, 'Type /search WORDS ("a phrase" in quotes)')
+            return
+        if conn.searching:
+            self._tell(conn, "Not searched: your last search is still running")
+            return
+        if not self._charge_command(conn, SEARCH_COST - 1):
+            return
+        if not store.search(query, functools.partial(self._found, conn, query)):
+            self._tell(conn, "Not searched: the server is busy searching; try again in a moment")
+            return
+        conn.searching = True
+
+    def _found(self, conn: Connection, query: str, result: Any) -> None:
+        conn.searching = False
+        if conn.state != CHATTING:
+            return
+        shown = _quoted(query)
+        if isinstance(result, BaseException):
+            self._tell(conn, "Not searched: the history cannot be read now (%s)" % result)
+            return
+        if not result:
+            self._tell(conn, "No messages match %s" % shown)
+            return
+        # The newest that fit in a quarter of a queue: a reader is never cut for asking.
+        room = self.max_queue // 4
+        frames: list[bytes] = []
+        for frame in reversed(result):
+            if frames and len(frame) > room:
+                break
+            room -= len(frame)
+            frames.append(frame)
+        frames.reverse()
+        begin = "--- %s matching %s, oldest first ---" % (plural(len(frames), "message"), shown)
+        helds = [Held(encode_frame(begin.encode("utf-8")))]
+        helds.extend(Held(frame) for frame in frames)
+        helds.append(Held(encode_frame(SEARCH_END.encode("utf-8"))))
+        self._queue(conn, helds)
+
+    # -- the store ---------------------------------------------------------
+
+    def _flush_store(self) -> None:
+        frames, self._to_store = b"".join(self._to_store), []
+        assert self.store is not None
+        if not self.store.write(frames) and self._now - self._store_behind_at >= STORE_RETRY:
+            self._store_behind_at = self._now
+            log("the store is not keeping up: messages not stored (they are kept in memory)")
+
+    def _on_store(self, mask: int) -> None:
+        store = self.store
+        assert store is not None
+        try:
+            store.wakeup[0].recv(65536)
+        except OSError:
+            pass
+        while store.inbox:
+            kind, value = store.inbox.popleft()
+            if kind == "done":
+                done, result = value
+                done(result)
+            elif kind == "down":
+                store.failure = value
+                log(
+                    "the store %s failed (%s): the history is kept in memory only; "
+                    "tried again every %g s" % (store.path, value, STORE_RETRY)
+                )
+                self._tell_ops(self._store_failed_text(value))
+            elif kind == "up":
+                store.failure = None
+                lost = " (%s not stored meanwhile)" % plural(value, "message") if value else ""
+                log("the store %s works again%s" % (store.path, lost))
+                self._tell_ops("The store works again%s" % lost)
+
+    def _store_failed_text(self, why: str) -> str:
+        return (
+            "The history cannot be stored (%s): it is kept in memory only, and the chat "
+            "goes on" % why
+        )
+
+    def _tell_ops(self, text: str) -> None:
+        for conn in self.users.values():
+            if conn.op:
+                self._tell(conn, text)
+
+    # -- bans --------------------------------------------------------------
+
+    @property
+    def _bans_last(self) -> bool:
+        """Whether a ban without an end outlives a restart (it is stored)."""
+        return self.store is not None
+
+    def _ban_for(self, host: str) -> Ban | None:
+        address = _ip_address(host)
+        if address is None:
+            return None
+        now = time.time()
+        for ban in self.bans.values():
+            if ban.covers(address) and not ban.ended(now):
+                return ban
+        return None
+
+    # Hooks for a room shared with other servers.
+
+    def _control(self, verb: str, *args: str) -> None:
+        """Tell the room's other servers of a topic, ban or kick (SharedChatServer)."""
+
+    def _opped(self, conn: Connection) -> None:
+        """conn became an operator."""
+
     COMMANDS: ClassVar[dict[str, Callable[[ChatServer, Connection, str], None]]] = {
         "/help": _cmd_help,
         "/who": _cmd_who,
         "/msg": _cmd_msg,
         "/nick": _cmd_nick,
         "/me": _cmd_me,
+        "/topic": _cmd_topic,
+        "/search": _cmd_search,
+        "/op": _cmd_op,
+        "/kick": _cmd_kick,
+        "/ban": _cmd_ban,
+        "/unban": _cmd_unban,
+        "/bans": _cmd_bans,
     }
 
     def _replay_history(self, conn: Connection) -> None:
@@ -2282,6 +2764,8 @@ class ChatServer:
     # -- the end of each turn ---------------------------------------------
 
     def _end_of_turn(self) -> None:
+        if self._to_store:
+            self._flush_store()
         if self._notices_owed():
             self._announce()
         if self._dirty:
@@ -2491,15 +2975,29 @@ class ChatServer:
         self._tell(conn, "Not sent: your message stopped arriving for %s and was dropped" % waited)
 
     def _log_refused(self, account: Account) -> None:
-        if account.refused:
-            log(
-                "%s: %s refused unchecked while the address was locked out"
-                % (account.host, plural(account.refused, "password"))
-            )
-            account.refused = 0
+        for lockout, what in ((account.password, "password"), (account.ops, "operator password")):
+            if lockout.refused:
+                log(
+                    "%s: %s refused unchecked while the address was locked out"
+                    % (account.host, plural(lockout.refused, what))
+                )
+                lockout.refused = 0
 
     def _forget(self, now: float) -> None:
-        """Forget the accounts and users' rates that nothing needs any more."""
+        """Forget the accounts and users' rates that nothing needs any more,
+        and the bans that ended."""
+        if self.bans:
+            wall = time.time()
+            for ban in list(self.bans.values()):
+                if ban.refused > 1:
+                    log(
+                        "refused %s more from %s: banned"
+                        % (plural(ban.refused - 1, "connection"), ban.shown())
+                    )
+                ban.refused = 0
+                if ban.ended(wall):
+                    del self.bans[ban.key]
+                    log("the ban on %s ended" % ban.shown())
         for host in [h for h, a in self.accounts.items() if a.forgettable(now)]:
             self._log_refused(self.accounts.pop(host))
         for key in [
@@ -2642,6 +3140,10 @@ class ChatServer:
         unsent = sum(1 for c in self.connections if c.out)
         for conn in list(self.connections):
             self._destroy(conn)
+        if self.store is not None:
+            if self._to_store:
+                self._flush_store()
+            self.store.stop(SHUTDOWN_GRACE)
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             for sock in self._wakeup:
@@ -2785,6 +3287,587 @@ def _raise_file_limit() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Running a room: operators' bans, and the history on disk (--store)
+# ---------------------------------------------------------------------------
+
+DEFAULT_KEEP_DAYS = 30.0
+# /search answers with at most this many messages, the last ones, oldest first;
+# it costs this many messages of the asker's rate, and one search per user runs at once.
+SEARCH_RESULTS = 20
+SEARCH_COST = 10
+MAX_SEARCHES = 16  # searches waiting for the store, all users together
+# Full-text search indexes the first this many characters of a message; the
+# substring scan (short words, or an SQLite without FTS5's trigram tokenizer)
+# looks at that many too, in at most the last SEARCH_SCAN messages.
+SEARCH_INDEXED = 4000
+SEARCH_SCAN = 200_000
+MAX_TOPIC = 400  # characters
+MAX_SEARCH = 400  # characters of a /search that are looked for
+SEARCH_END = "--- end of search results ---"
+OP_COST = 10  # /op, /kick, /ban are told to many, or checked like passwords
+# Messages waiting to be written; past it a turn's messages are not stored (and logged).
+STORE_MAX_BACKLOG = 16 << 20
+STORE_RETRY = 10.0  # seconds between attempts at a store that failed
+STORE_PRUNE_INTERVAL = 3600.0  # messages older than --keep are deleted this often
+STORE_BUSY_TIMEOUT = 2.0  # a locked database is waited for this long, by the writer only
+STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,  -- the order they were relayed in
+    at REAL NOT NULL,        -- when the server relayed it (Unix time; --keep counts from it)
+    stamp TEXT NOT NULL,     -- the time the sender's client wrote, as sent
+    nick TEXT NOT NULL,      -- the nick field as relayed: "alice", or "* alice" for an action
+    text TEXT NOT NULL,
+    frame BLOB NOT NULL      -- the frame exactly as relayed, replayed after a restart
+);
+CREATE INDEX IF NOT EXISTS messages_at ON messages (at);
+CREATE TABLE IF NOT EXISTS topic (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    text TEXT NOT NULL,
+    nick TEXT NOT NULL,      -- who set it
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bans (
+    network TEXT PRIMARY KEY,  -- "203.0.113.7/32", "2001:db8::/64"
+    until REAL,                -- Unix time; NULL: for ever
+    nick TEXT NOT NULL,        -- who was online from it when it was banned, if anyone
+    by TEXT NOT NULL,          -- the operator
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+STORE_FTS = """
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (
+    text, content='messages', content_rowid='id', tokenize='trigram'
+);
+CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, text) VALUES (new.id, substr(new.text, 1, %d));
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text)
+    VALUES ('delete', old.id, substr(old.text, 1, %d));
+END;
+""" % (SEARCH_INDEXED, SEARCH_INDEXED)
+
+
+class StoreError(Exception):
+    """The store cannot be opened at all (a path that cannot be)."""
+
+
+class Ban:
+    """An address (or network) refused until ``until`` (Unix time; None: no end)."""
+
+    __slots__ = ("at", "by", "network", "nick", "reason", "refused", "until")
+
+    def __init__(
+        self,
+        network: Any,
+        until: float | None,
+        by: str,
+        reason: str = "",
+        nick: str = "",
+        at: float = 0.0,
+    ) -> None:
+        self.network = network  # an ipaddress.IPv4Network or IPv6Network
+        self.until = until
+        self.by = by
+        self.reason = reason
+        self.nick = nick
+        self.at = at or time.time()
+        self.refused = 0  # connections refused and not yet logged
+
+    @property
+    def key(self) -> str:
+        return str(self.network)
+
+    def covers(self, address: Any) -> bool:
+        return address.version == self.network.version and address in self.network
+
+    def ended(self, now: float) -> bool:
+        return self.until is not None and now >= self.until
+
+    def shown(self) -> str:
+        return shown_network(self.network)
+
+    def end_text(self, persistent: bool) -> str:
+        if self.until is None:
+            return "for ever" if persistent else "until the server restarts"
+        return "until %s" % _utc_time(self.until)
+
+    def notice(self, persistent: bool) -> str:
+        """What a banned address is told."""
+        return "You are banned from this server %s (by %s)%s" % (
+            self.end_text(persistent),
+            self.by,
+            ": " + self.reason if self.reason else "",
+        )
+
+
+def _ip_address(host: str) -> Any:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _float(text: str) -> float:
+    """A number from a store or another server; 0 when it is none."""
+    try:
+        value = float(text)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def _nobody(nick: str) -> str:
+    return "Nobody called %s is online (/who lists who is)" % sanitize(nick[:MAX_NICK_LENGTH])
+
+
+def shown_network(network: Any) -> str:
+    """``203.0.113.7`` for one address, else the network (``2001:db8::/64``)."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+def _quoted(query: str) -> str:
+    """A search as it is shown back: in quotes, unless it has its own."""
+    shown = sanitize(query)
+    return shown if '"' in shown else '"%s"' % shown
+
+
+def _utc_time(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)\Z")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``90``, ``90s``, ``10m``, ``2h``, ``7d``, ``1w``; None if it is none."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        return None
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return seconds if 0 < seconds < 100 * 365 * 86400 else None
+
+
+def parse_network(text: str) -> Any:
+    """The network an operator named (``203.0.113.7``, ``198.51.100.0/24``,
+    ``2001:db8::1`` (its /64, as limits count it), ``2001:db8::/48``); None if none."""
+    text = text.strip("[]")
+    try:
+        if "/" in text:
+            return ipaddress.ip_network(text, strict=False)
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and getattr(address, "ipv4_mapped", None) is None:
+        return ipaddress.ip_network((address, 64), strict=False)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return ipaddress.ip_network(mapped or address)
+
+
+def host_network(host: str) -> Any:
+    """The network a connected host is banned by: its IPv4 address or its IPv6 /64."""
+    return parse_network(host)
+
+
+def search_terms(query: str) -> list[str]:
+    """The words and "quoted phrases" of a /search, casefolded, empty ones left out."""
+    terms = []
+    for phrase, word in re.findall(r'"([^"]*)"?|([^\s"]+)', query):
+        term = (phrase or word).strip().casefold()
+        if term:
+            terms.append(term)
+    return terms
+
+
+def _fts_phrase(term: str) -> str:
+    return '"%s"' % term.replace('"', '""')
+
+
+def unpack_stored(frame: bytes) -> tuple[str, str, str] | None:
+    """(stamp, nick field, text) of a relayed chat frame; None if it is not one."""
+    payload = frame[HEADER_SIZE:]
+    parts = payload.split(b"\0", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        stamp, nick, text = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        return None
+    return stamp, nick, text
+
+
+class Store:
+    """The room's history, topic and bans in an SQLite database (--store).
+
+    The selector loop never waits on the disk: it hands each turn's messages
+    to a writer thread, which writes them in one transaction (WAL mode), and
+    /search runs in a thread of its own, on a connection of its own. Results
+    and failures come back through ``inbox`` and a byte on a socket pair that
+    the loop watches, as with Redis. A store that fails (disk full, database
+    locked, read-only or corrupt) costs one log line and a notice to the
+    operators; the writer tries again every STORE_RETRY seconds, and what
+    came meanwhile is kept in memory only.
+    """
+
+    def __init__(self, path: str, keep_days: float = DEFAULT_KEEP_DAYS) -> None:
+        self.path = path
+        self.keep = keep_days * 86400.0
+        self.fts = False  # FTS5 with the trigram tokenizer
+        self.failure: str | None = None  # why it does not work now, as last told
+        self.inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self.wakeup = socket.socketpair()
+        for sock in self.wakeup:
+            sock.setblocking(False)
+        self._writes: list[tuple[float, bytes]] = []
+        self._jobs: list[Callable[[Any], None]] = []
+        self._searches: collections.deque[tuple[Callable[[Any], Any], Callable[[Any], None]]]
+        self._searches = collections.deque()
+        self._backlog = 0
+        # Writes handed to the writer and done with (written or given up): a
+        # search waits for those handed over before it, so that it finds
+        # every message its asker has seen.
+        self._handed = 0
+        self._done = 0
+        self._written = threading.Condition()
+        self._ready = threading.Condition()
+        self._search_ready = threading.Condition()
+        self._stopped = False
+        self._threads: list[threading.Thread] = []
+        self._db: Any = None  # the writer's connection
+        self._prepared = False
+        self._failing = False
+        self._retry_at = 0.0
+        self._next_prune = 0.0
+        self.dropped = 0  # messages not stored since the last log line
+
+    # -- in the main thread, before the loop -------------------------------
+
+    def open(self, history: int) -> tuple[list[bytes], tuple[str, str, float] | None, list[Ban]]:
+        """Open (or create) the database; return the last ``history`` messages
+        within --keep, the topic and the bans that have not ended.
+
+        Raises StoreError when the path cannot be opened at all. A database
+        that is there but cannot be written (read-only, locked, corrupt, disk
+        full) is used as far as it can be: the failure is logged and the
+        writer tries again later.
+        """
+        import sqlite3
+
+        try:
+            self._db = self._connect(STORE_BUSY_TIMEOUT / 2)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None
+        frames: list[bytes] = []
+        topic = None
+        bans: list[Ban] = []
+        try:
+            self._prepare(self._db)
+        except sqlite3.Error as exc:
+            self._fail(exc)
+        try:
+            db = self._db
+            if history:
+                rows = db.execute(
+                    "SELECT frame FROM messages WHERE at >= ? ORDER BY id DESC LIMIT ?",
+                    (self._oldest(), history),
+                ).fetchall()
+                frames = [bytes(row[0]) for row in reversed(rows)]
+            row = db.execute("SELECT text, nick, at FROM topic WHERE id = 1").fetchone()
+            if row is not None:
+                topic = (str(row[0]), str(row[1]), float(row[2]))
+            now = time.time()
+            for network, until, nick, by, reason, at in db.execute(
+                "SELECT network, until, nick, by, reason, at FROM bans"
+            ):
+                parsed = parse_network(str(network))
+                if parsed is not None and (until is None or until > now):
+                    bans.append(Ban(parsed, until, str(by), str(reason), str(nick), float(at)))
+        except sqlite3.Error as exc:  # corrupt, or no tables (not prepared)
+            if not self._failing:
+                self._fail(exc)
+        return frames, topic, bans
+
+    def _connect(self, timeout: float) -> Any:
+        import sqlite3
+
+        db = sqlite3.connect(
+            self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        db.create_function("fold", 1, _fold, deterministic=True)
+        return db
+
+    def _prepare(self, db: Any) -> None:
+        """WAL mode and the tables: once per writer connection."""
+        import sqlite3
+
+        if self._prepared:
+            return
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(STORE_SCHEMA)
+        try:
+            db.executescript(STORE_FTS)
+            self.fts = True
+        except sqlite3.OperationalError as exc:  # no FTS5, or no trigram: a scan it is
+            if "no such" not in str(exc) and "tokenizer" not in str(exc):
+                raise
+            self.fts = False
+        db.execute("PRAGMA user_version = 1")
+        self._prepared = True
+        self._prune(db)
+
+    def start(self) -> None:
+        for target, name in ((self._write_loop, "store-writer"), (self._search_loop, "search")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float) -> None:
+        """Write what is waiting (for ``timeout`` at most), then stop."""
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+        with self._search_ready:
+            self._search_ready.notify()
+        for thread in self._threads[:1]:
+            thread.join(timeout)
+        for sock in self.wakeup:
+            sock.close()
+
+    # -- in the loop ---------------------------------------------------------
+
+    def write(self, frames: bytes) -> bool:
+        """Store a turn's chat frames (one bytes, frames end to end); False when
+        the writer is too far behind to take them."""
+        with self._ready:
+            if self._backlog + len(frames) > STORE_MAX_BACKLOG:
+                return False
+            self._backlog += len(frames)
+            self._writes.append((time.time(), frames))
+            self._handed += 1
+            self._ready.notify()
+        return True
+
+    def job(self, job: Callable[[Any], None]) -> None:
+        """Run ``job(db)`` in the writer's next transaction (topic, bans)."""
+        with self._ready:
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def search(self, query: str, done: Callable[[Any], None]) -> bool:
+        """Look for ``query`` off the loop; ``done(frames or exception)`` then runs in it."""
+        with self._search_ready:
+            if len(self._searches) >= MAX_SEARCHES:
+                return False
+            job = functools.partial(self._find, query, self._handed)
+            self._searches.append((job, done))
+            self._search_ready.notify()
+        return True
+
+    # -- the writer thread -------------------------------------------------
+
+    def _post(self, kind: str, value: Any) -> None:
+        self.inbox.append((kind, value))
+        try:
+            self.wakeup[1].send(b"\0")
+        except OSError:  # full: the loop is being woken already (or is gone)
+            pass
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failing = True
+        self._retry_at = time.monotonic() + STORE_RETRY
+        self._post("down", str(exc) or exc.__class__.__name__)
+
+    def _write_loop(self) -> None:
+        import sqlite3
+
+        jobs: list[Callable[[Any], None]] = []  # topic and bans not written yet
+        while True:
+            with self._ready:
+                while not self._writes and not self._jobs and not self._stopped:
+                    if jobs and time.monotonic() >= self._retry_at:
+                        break
+                    self._ready.wait(STORE_RETRY if jobs else None)
+                writes, self._writes = self._writes, []
+                jobs.extend(self._jobs)
+                self._jobs = []
+                self._backlog = 0
+                stopping = self._stopped
+            if self._failing and time.monotonic() < self._retry_at and not stopping:
+                # Not tried again yet: these are kept in memory only.
+                self.dropped += sum(len(_frame_spans(blob)) for _, blob in writes)
+            elif writes or jobs:
+                try:
+                    self._commit(writes, jobs)
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    self.dropped += sum(len(_frame_spans(blob)) for _, blob in writes)
+                    if self._failing:
+                        self._retry_at = time.monotonic() + STORE_RETRY
+                    else:
+                        self._fail(exc)
+                else:
+                    jobs = []
+                    if self._failing:
+                        self._failing = False
+                        self._post("up", self.dropped)
+                        self.dropped = 0
+            with self._written:
+                self._done += len(writes)
+                self._written.notify_all()
+            if stopping:
+                self._close()
+                return
+
+    def _commit(self, writes: list[tuple[float, bytes]], jobs: list[Callable[[Any], None]]) -> None:
+        db = self._db
+        if db is None:
+            db = self._db = self._connect(STORE_BUSY_TIMEOUT)
+        self._prepare(db)
+        db.execute("BEGIN IMMEDIATE")
+        rows = []
+        for at, blob in writes:
+            for start, stop in _frame_spans(blob):
+                frame = blob[start:stop]
+                parts = unpack_stored(frame)
+                if parts is not None:
+                    rows.append((at, parts[0], parts[1], parts[2], frame))
+        if rows:
+            db.executemany(
+                "INSERT INTO messages (at, stamp, nick, text, frame) VALUES (?, ?, ?, ?, ?)", rows
+            )
+        for job in jobs:
+            job(db)
+        db.execute("COMMIT")
+        if time.monotonic() >= self._next_prune:
+            self._prune(db)
+
+    def _prune(self, db: Any) -> None:
+        self._next_prune = time.monotonic() + STORE_PRUNE_INTERVAL
+        if self.keep:
+            db.execute("DELETE FROM messages WHERE at < ?", (self._oldest(),))
+            db.execute("DELETE FROM bans WHERE until IS NOT NULL AND until < ?", (time.time(),))
+
+    def _oldest(self) -> float:
+        return time.time() - self.keep if self.keep else 0.0
+
+    def _rollback(self) -> None:
+        try:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - a connection that cannot roll back is reopened
+            self._close()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except Exception:  # noqa: BLE001 - closing what failed
+                pass
+            self._db = None
+            self._prepared = False
+
+    # -- the search thread -------------------------------------------------
+
+    def _search_loop(self) -> None:
+        import sqlite3
+
+        db = None
+        while True:
+            with self._search_ready:
+                while not self._searches and not self._stopped:
+                    self._search_ready.wait()
+                if self._stopped:
+                    break
+                job, done = self._searches.popleft()
+            try:
+                if db is None:
+                    db = self._connect(STORE_BUSY_TIMEOUT)
+                result = job(db)
+            except sqlite3.Error as exc:
+                result = exc
+                db = None
+            self._post("done", (done, result))
+        if db is not None:
+            db.close()
+
+    def _find(self, query: str, after: int, db: Any) -> list[bytes]:
+        """The last SEARCH_RESULTS messages within --keep that hold every term,
+        oldest first, once the first ``after`` writes are done with."""
+        with self._written:
+            self._written.wait_for(lambda: self._done >= after, STORE_BUSY_TIMEOUT)
+        terms = search_terms(query)
+        long_terms = [term for term in terms if len(term) >= 3] if self.fts else []
+        short = [term for term in terms if term not in long_terms]
+        where = ["m.at >= ?"]
+        args: list[Any] = [self._oldest()]
+        for term in short:
+            where.append("instr(fold(substr(m.text, 1, %d)), ?) > 0" % SEARCH_INDEXED)
+            args.append(term)
+        if long_terms:
+            sql = (
+                "SELECT m.frame FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid "
+                "WHERE messages_fts MATCH ? AND %s ORDER BY messages_fts.rowid DESC LIMIT ?"
+            ) % " AND ".join(where)
+            args.insert(0, " ".join(_fts_phrase(term) for term in long_terms))
+        else:
+            where.append("m.id > (SELECT coalesce(max(id), 0) FROM messages) - %d" % SEARCH_SCAN)
+            sql = "SELECT m.frame FROM messages AS m WHERE %s ORDER BY m.id DESC LIMIT ?" % (
+                " AND ".join(where)
+            )
+        args.append(SEARCH_RESULTS)
+        return [bytes(row[0]) for row in reversed(db.execute(sql, args).fetchall())]
+
+    # -- jobs (run by the writer, in its transaction) ----------------------
+
+    @staticmethod
+    def save_topic(text: str, nick: str, at: float, db: Any) -> None:
+        if text:
+            db.execute(
+                "INSERT OR REPLACE INTO topic (id, text, nick, at) VALUES (1, ?, ?, ?)",
+                (text, nick, at),
+            )
+        else:
+            db.execute("DELETE FROM topic")
+
+    @staticmethod
+    def save_ban(ban: Ban, db: Any) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO bans (network, until, nick, by, reason, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (ban.key, ban.until, ban.nick, ban.by, ban.reason, ban.at),
+        )
+
+    @staticmethod
+    def drop_ban(key: str, db: Any) -> None:
+        db.execute("DELETE FROM bans WHERE network = ?", (key,))
+
+
+def _fold(text: Any) -> str:
+    return text.casefold() if isinstance(text, str) else ""
+
+
+def _frame_spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, stop) of every whole frame in data."""
+    spans = []
+    start, end = 0, len(data)
+    while end - start >= HEADER_SIZE:
+        try:
+            stop = start + HEADER_SIZE + parse_header(data[start : start + HEADER_SIZE])
+        except ProtocolError:
+            break
+        if stop > end:
+            break
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+# ---------------------------------------------------------------------------
 # The shared room: several servers, one Redis
 # ---------------------------------------------------------------------------
 
@@ -2815,6 +3898,11 @@ ROOM_BACK = "The shared room is back: messages reach the users of every server a
 SHARED_CHAT = b"C"  # chat messages and actions: shown and remembered
 SHARED_NOTICE = b"N"  # joins, leaves, renames: shown
 SHARED_PRIVATE = b"P"  # casefolded nickname, "\0", one private message frame
+# Running the room: frames whose payloads are "verb \0 arg \0 arg...":
+# topic TEXT NICK AT, ban NETWORK UNTIL NICK BY REASON AT, unban NETWORK,
+# kick KEY BY REASON and bannick KEY UNTIL BY REASON (for the server that has
+# KEY), op KEY INSTANCE and deop KEY (who /who marks as an operator).
+SHARED_CONTROL = b"A"
 INSTANCE_SIZE = 16
 
 # A nickname key holds its owner: "instance TAB server TAB nick TAB joined".
@@ -2877,6 +3965,11 @@ class RedisLink:
         self.prefix = "selchat:%s:" % room
         self.who_key = self.prefix + "who"
         self.history_key = self.prefix + "history"
+        self.topic_key = self.prefix + "topic"
+        self.bans_key = self.prefix + "bans"
+        # The room's topic and bans, as Redis keeps them (read by connect()).
+        self.topic: tuple[str, str, float] | None = None
+        self.bans: list[Ban] = []
         self.inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self.wakeup = socket.socketpair()
         for sock in self.wakeup:
@@ -2914,8 +4007,27 @@ class RedisLink:
         # The history before the subscription: a message published in between
         # may be missing from it, but is never in it twice.
         frames: list[bytes] = client.lrange(self.history_key, -history, -1) if history else []
+        self._load_room(client)
         self._pubsub = self._subscribe()
         return frames
+
+    def _load_room(self, client: Any) -> None:
+        raw = client.get(self.topic_key)
+        if raw:
+            fields = raw.decode("utf-8", "replace").split("\0")
+            if len(fields) == 3:
+                self.topic = (fields[0], fields[1], _float(fields[2]))
+        now = time.time()
+        for key, value in (client.hgetall(self.bans_key) or {}).items():
+            network = parse_network(key.decode("utf-8", "replace"))
+            fields = value.decode("utf-8", "replace").split("\0")
+            if network is None or len(fields) != 5:
+                continue
+            until = _float(fields[0]) if fields[0] else None
+            if until is None or until > now:
+                self.bans.append(
+                    Ban(network, until, fields[2], fields[3], fields[1], _float(fields[4]))
+                )
 
     def start(self) -> None:
         for target, name in ((self._read, "redis-reader"), (self._write, "redis-writer")):
@@ -3017,7 +4129,7 @@ class RedisLink:
             start = data.find(b"\0", start) + 1
             if not start:
                 return
-        elif kind not in (SHARED_CHAT, SHARED_NOTICE):
+        elif kind not in (SHARED_CHAT, SHARED_NOTICE, SHARED_CONTROL):
             return
         try:
             if split_frames(data, start) is None:
@@ -3128,12 +4240,38 @@ class RedisLink:
             if kind == SHARED_CHAT and history:
                 starts = split_frames(body, 0) or []
                 remembered.extend(body[a:b] for a, b in zip(starts, starts[1:]))
+            elif kind == SHARED_CONTROL:
+                self._keep_control(body, pipe)
         if remembered:
             pipe.rpush(self.history_key, *remembered[-history:])
             pipe.ltrim(self.history_key, -history, -1)
         for key, member in releases:
             self._release(keys=[self.nick_key(key), self.who_key], args=[member], client=pipe)
         pipe.execute()
+
+    def _keep_control(self, body: bytes, pipe: Any) -> None:
+        """The topic and the bans are kept in Redis too, for servers that start later."""
+        starts = split_frames(body, 0) or []
+        for start, stop in zip(starts, starts[1:]):
+            fields = body[start + HEADER_SIZE : stop].split(b"\0")
+            verb = fields[0]
+            if verb == b"topic" and len(fields) == 4:
+                if fields[1]:
+                    pipe.set(self.topic_key, b"\0".join(fields[1:]))
+                else:
+                    pipe.delete(self.topic_key)
+            elif verb == b"ban" and len(fields) == 7:
+                pipe.hset(self.bans_key, fields[1], b"\0".join(fields[2:]))
+            elif verb == b"unban" and len(fields) == 2:
+                pipe.hdel(self.bans_key, fields[1])
+
+    def to_owner(self, key: str, frame: bytes, client: Any) -> bool:
+        """Send a control frame to the room if someone has the nickname ``key``
+        (its server acts on it); False when nobody has it."""
+        if client.get(self.nick_key(key)) is None:
+            return False
+        client.publish(self.channel, b"".join((SHARED_CONTROL, self.instance, frame)))
+        return True
 
     def private(self, key: str, sender: str, text: str, client: Any) -> bytes | None:
         """Send a private message to a user on another server; None when nobody has that name."""
@@ -3185,8 +4323,9 @@ class SharedChatServer(ChatServer):
         link: RedisLink,
         history: list[bytes],
         rate: float = DEFAULT_REDIS_RATE,
+        store: Store | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, store)
         self.link = link
         # What this server publishes, in bytes: at most what Redis holds for a
         # subscriber that is a little behind, at once.
@@ -3200,8 +4339,10 @@ class SharedChatServer(ChatServer):
         self._others = 0  # users on other servers, as of the last heartbeat
         self._next_heartbeat = 0.0
         self._next_count = 0.0
+        self._remote_ops: dict[str, str] = {}  # operators on other servers: key -> instance
         for frame in history[-self.history_size :] if self.history_size else ():
             self.history.remember((Held(frame),))
+        self.restore([], link.topic, link.bans)
 
     def listen(self) -> tuple[str, int]:
         host, port = super().listen()
@@ -3250,6 +4391,7 @@ class SharedChatServer(ChatServer):
         return False
 
     def _relayed(self, buffers: Sequence[Buffer]) -> None:
+        super()._relayed(buffers)
         self._share(SHARED_CHAT, buffers)
 
     def _notice(
@@ -3343,11 +4485,96 @@ class SharedChatServer(ChatServer):
             if target is not None:
                 self._deliver(target, (Held(data[split + 1 :]),))
             return
+        if kind == SHARED_CONTROL:
+            starts = split_frames(data, start) or []
+            for first, stop in zip(starts, starts[1:]):
+                fields = data[first + HEADER_SIZE : stop].decode("utf-8", "replace").split("\0")
+                self._on_control(fields[0], fields[1:])
+            return
         if self._joined and self._now >= self._notices_due:
             self._announce()  # ours who joined are announced first, as locally
         self._broadcast((Held(memoryview(data)[start:]),))
-        if kind == SHARED_CHAT and self.history_size:
-            self.history.remember_run(data, start, len(data))
+        if kind == SHARED_CHAT:
+            if self.history_size:
+                self.history.remember_run(data, start, len(data))
+            if self.store is not None:
+                self._to_store.append(memoryview(data)[start:])
+
+    # -- running the room across servers ------------------------------------
+
+    def _control(self, verb: str, *args: str) -> None:
+        frame = encode_frame("\0".join((verb, *args)).encode("utf-8"))
+        self._share(SHARED_CONTROL, (frame,))
+
+    def _on_control(self, verb: str, args: list[str]) -> None:
+        """A topic, ban or kick from an operator on another server."""
+        if verb == "topic" and len(args) == 3:
+            self._set_topic(args[0], args[1], _float(args[2]), shared=False)
+        elif verb == "ban" and len(args) == 6:
+            network = parse_network(args[0])
+            if network is not None:
+                until = _float(args[1]) if args[1] else None
+                self._ban(Ban(network, until, args[3], args[4], args[2], _float(args[5])), False)
+        elif verb == "unban" and len(args) == 1:
+            if args[0] in self.bans:
+                self._unban(args[0], shared=False)
+                log("%s unbanned on another server" % args[0])
+        elif verb == "kick" and len(args) == 3:
+            target = self.users.get(args[0])
+            if target is not None and target.state == CHATTING:
+                self._kick(target, args[1], args[2])
+        elif verb == "bannick" and len(args) == 4:
+            target = self.users.get(args[0])
+            network = host_network(target.host) if target is not None else None
+            if target is not None and network is not None:
+                until = _float(args[1]) if args[1] else None
+                self._ban(Ban(network, until, args[2], args[3], target.nick or ""))
+        elif verb == "op" and len(args) == 2:
+            self._remote_ops[args[0]] = args[1]
+        elif verb == "deop" and len(args) == 1:
+            self._remote_ops.pop(args[0], None)
+
+    def _opped(self, conn: Connection) -> None:
+        self._control("op", conn.nick_key, self.link.instance.decode("ascii"))
+
+    def _kick_elsewhere(self, conn: Connection, nick: str, reason: str) -> None:
+        if not self.shared_up:
+            super()._kick_elsewhere(conn, nick, reason)
+            return
+        key = nick.casefold()
+        frame = encode_frame("\0".join(("kick", key, conn.nick or "", reason)).encode("utf-8"))
+        self.link.submit(
+            functools.partial(self.link.to_owner, key, frame),
+            functools.partial(self._asked_owner, conn, _nobody(nick), ""),
+        )
+
+    def _ban_elsewhere(self, conn: Connection, nick: str, until: float | None, reason: str) -> bool:
+        if not self.shared_up or check_nick(nick) is not None:
+            return False
+        key = nick.casefold()
+        fields = ("bannick", key, "" if until is None else repr(until), conn.nick or "", reason)
+        frame = encode_frame("\0".join(fields).encode("utf-8"))
+        self.link.submit(
+            functools.partial(self.link.to_owner, key, frame),
+            functools.partial(
+                self._asked_owner,
+                conn,
+                "Not banned: %s is neither an address nor the nickname of someone online"
+                % sanitize(nick[:MAX_NICK_LENGTH]),
+                "Banned the address of %s (on another server)" % nick,
+            ),
+        )
+        return True
+
+    def _asked_owner(self, conn: Connection, nobody: str, done: str, result: Any) -> None:
+        if conn.state != CHATTING:
+            return
+        if result is False:
+            self._tell(conn, nobody)
+        elif isinstance(result, BaseException):
+            self._tell(conn, "Not done: the shared room cannot be reached now")
+        elif done:
+            self._tell(conn, done)
 
     def _room_down(self, why: str) -> None:
         if not self.shared_up:
@@ -3479,6 +4706,8 @@ class SharedChatServer(ChatServer):
             member = self._members.pop(conn.nick_key, None)
             if member is not None:
                 self._releases.append((conn.nick_key, member))
+            if conn.op:
+                self._control("deop", conn.nick_key)
         super()._leave_room(conn, why)
 
     def _rename(self, conn: Connection, old: str, new: str) -> None:
@@ -3526,17 +4755,30 @@ class SharedChatServer(ChatServer):
             return
         now = time.time()
         users = []
+        ours = self.link.instance.decode("ascii")
         for member in result:
             parts = member.split("\t")
             if len(parts) == 4 and parts[3].isdigit():
-                users.append((parts[2].casefold(), parts[2], parts[1], now - int(parts[3])))
+                key = parts[2].casefold()
+                if parts[0] == ours:
+                    local = self.users.get(key)
+                    op = local is not None and local.op
+                else:
+                    op = self._remote_ops.get(key) == parts[0]
+                users.append((key, parts[2], parts[1], now - int(parts[3]), op))
         users.sort()
         self._tell(
             conn,
             _who_text(
                 [user[0] for user in users],
                 lambda i: (
-                    "%s (on %s, joined %s ago)" % (users[i][1], users[i][2], duration(users[i][3]))
+                    "%s (%son %s, joined %s ago)"
+                    % (
+                        users[i][1],
+                        "operator, " if users[i][4] else "",
+                        users[i][2],
+                        duration(users[i][3]),
+                    )
                 ),
                 prefix,
             ),
@@ -3602,7 +4844,24 @@ PIPE_LEAVE_WAIT = 5.0
 ZWJ = "\u200d"
 VS16 = "\ufe0f"
 OWN_STYLE = "\x1b[1;4m"  # bold and underlined: your own nickname on your own messages
-COMMAND_NAMES = ("/help", "/who", "/msg", "/nick", "/me", "/quit", "/exit")
+COMMAND_NAMES = (
+    "/help",
+    "/who",
+    "/msg",
+    "/nick",
+    "/me",
+    "/topic",
+    "/search",
+    "/op",
+    "/kick",
+    "/ban",
+    "/unban",
+    "/bans",
+    "/quit",
+    "/exit",
+)
+# Lines that hold a password are never written to the history file.
+SECRET_COMMANDS = ("/op",)
 # "3 users online: a (joined 5 s ago), ..." (or "... online whose nickname starts with a: ...")
 WHO_ANSWER = re.compile(r"(\d+ users? online(?: whose nickname starts with [^:]*)?): (.+)\Z", re.S)
 
@@ -3871,7 +5130,9 @@ def names_in_notice(text: str) -> tuple[list[str], list[str]]:
     match = WHO_ANSWER.match(text)
     if match:
         items = _who_items(match.group(2))
-        found = (re.match(r"(\S+) \((?:on [^()]*, )?joined ", item) for item in items)
+        found = (
+            re.match(r"(\S+) \((?:operator, )?(?:on [^()]*, )?joined ", item) for item in items
+        )
         return [each.group(1) for each in found if each], []
     for verb in (" joined the chat (", " left the chat ("):
         if verb in text:
@@ -4493,7 +5754,7 @@ def _write_history(path: str, lines: list[str]) -> None:
 def remember(path: str | None, line: str) -> None:
     """Add a line to the history file at once: several clients at a time each
     add theirs, and a client that is killed has kept what it sent."""
-    if path is None:
+    if path is None or (line.split(None, 1) or [""])[0].lower() in SECRET_COMMANDS:
         return
     try:
         folder = os.path.dirname(path)
@@ -5023,6 +6284,7 @@ class ChatClient:
     # -- sending -----------------------------------------------------------
 
     def _learn_limit(self, welcome: str) -> None:
+        welcome = welcome.split(" Topic: ", 1)[0]  # the topic is anyone's text
         match = re.search(r"Limit: ([0-9.]+) messages a second, bursts of ([0-9]+)", welcome)
         if not match:
             return
@@ -5723,6 +6985,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-file", metavar="FILE", help="read the password from the first line of FILE"
     )
     server.add_argument(
+        "--ops-password",
+        default=os.environ.get("SELCHAT_OPS_PASSWORD"),
+        help="password that makes a user an operator with /op PASSWORD: /kick, /ban, "
+        "/unban, /bans and /topic TEXT ($SELCHAT_OPS_PASSWORD; --ops-password-file "
+        "keeps it out of ps)",
+    )
+    server.add_argument(
+        "--ops-password-file",
+        metavar="FILE",
+        help="read the operators' password from the first line of FILE",
+    )
+    server.add_argument(
+        "--store",
+        metavar="PATH",
+        help="keep the history (chat and actions, never private messages), the topic "
+        "and the bans in this SQLite database, so that a restart keeps them and "
+        "/search finds old messages (created when missing)",
+    )
+    server.add_argument(
+        "--keep",
+        type=_non_negative_float,
+        default=DEFAULT_KEEP_DAYS,
+        metavar="DAYS",
+        help="with --store: days a message is kept, 0 for ever (default: %g)" % DEFAULT_KEEP_DAYS,
+    )
+    server.add_argument(
         "--history",
         type=_non_negative,
         default=DEFAULT_HISTORY,
@@ -5828,17 +7116,30 @@ def run_server(args: argparse.Namespace) -> int:
         flush_log(LOG_EXIT_WAIT)
 
 
+def _read_secret(path: str, what: str) -> str | None:
+    """The first line of a password file; None after saying why there is none."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        log("cannot read the %s file %s: %s" % (what, path, _reason(exc)))
+        return None
+    if not secret:
+        log("the %s file %s is empty" % (what, path))
+        return None
+    return secret
+
+
 def _run_server(args: argparse.Namespace) -> int:
     password = args.password
     if args.password_file:
-        try:
-            with open(args.password_file, encoding="utf-8") as file:
-                password = file.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            log("cannot read the password file %s: %s" % (args.password_file, _reason(exc)))
+        password = _read_secret(args.password_file, "password")
+        if password is None:
             return 1
-        if not password:
-            log("the password file %s is empty" % args.password_file)
+    ops_password = args.ops_password
+    if args.ops_password_file:
+        ops_password = _read_secret(args.ops_password_file, "operators' password")
+        if ops_password is None:
             return 1
     if args.tls_key and not args.tls_cert:
         log("--tls-key needs --tls-cert")
@@ -5868,13 +7169,24 @@ def _run_server(args: argparse.Namespace) -> int:
         join_burst=args.join_burst,
         frame_timeout=args.frame_timeout,
         password_tries=args.password_tries,
+        ops_password=ops_password or None,
     )
-    server = ChatServer(config)
+    store = None
+    if args.store:
+        store = Store(args.store, args.keep)
+        try:
+            stored = store.open(args.history)
+        except StoreError as exc:
+            log("cannot open the store %s: %s" % (args.store, exc))
+            return 1
+    server = ChatServer(config, store)
     if args.redis:
-        shared = _connect_redis(args, config)
+        shared = _connect_redis(args, config, store)
         if shared is None:
             return 1
         server = shared
+    if store is not None:
+        server.restore(*stored)
     try:
         server.listen()
     except OSError as exc:
@@ -5884,7 +7196,9 @@ def _run_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect_redis(args: argparse.Namespace, config: ServerConfig) -> SharedChatServer | None:
+def _connect_redis(
+    args: argparse.Namespace, config: ServerConfig, store: Store | None = None
+) -> SharedChatServer | None:
     """The server of a room shared through Redis, or None after saying why it cannot be."""
     try:
         import redis
@@ -5897,7 +7211,7 @@ def _connect_redis(args: argparse.Namespace, config: ServerConfig) -> SharedChat
     except (redis.RedisError, OSError, ValueError) as exc:
         log("cannot use Redis at %s: %s" % (link.where, _reason(exc)))
         return None
-    return SharedChatServer(config, link, history, args.redis_rate)
+    return SharedChatServer(config, link, history, args.redis_rate, store)
 
 
 def _ask_nick(where: str) -> str | None:

@@ -308,9 +308,9 @@ def clean_env(**overrides):
 # Runs the server under a file descriptor limit (soft and hard) without a
 # preexec_fn, which is not safe in a process that has threads.
 LIMITED = (
-    "import os, resource, sys; n = int(sys.argv[1]); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
-    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])"
+    "import os, resource, sys; what, n = getattr(resource, sys.argv[1]), int(sys.argv[2]); "
+    "resource.setrlimit(what, (n, n)); "
+    "os.execv(sys.executable, [sys.executable] + sys.argv[3:])"
 )
 
 
@@ -318,15 +318,17 @@ class ServerProcess:
     """`selchat.py server` as a subprocess; stderr is drained by a thread.
 
     The port (and address) come from its `listening on HOST:PORT` line; nofile
-    runs it under that file descriptor limit.
+    runs it under that file descriptor limit, fsize under that file size limit
+    (a write past it fails as on a full disk: Python ignores SIGXFSZ).
     """
 
     LISTENING = re.compile(r"listening on (\S*):(\d+)")
 
-    def __init__(self, args, env=None, nofile=None):
+    def __init__(self, args, env=None, nofile=None, fsize=None):
         argv = [sys.executable, str(SCRIPT), "server", *map(str, args)]
-        if nofile is not None:
-            argv = [sys.executable, "-c", LIMITED, str(nofile), *argv[1:]]
+        for name, limit in (("RLIMIT_NOFILE", nofile), ("RLIMIT_FSIZE", fsize)):
+            if limit is not None:
+                argv = [sys.executable, "-c", LIMITED, name, str(limit), *argv[1:]]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -103,6 +103,10 @@ def test_an_address_with_wrong_passwords_is_remembered_long_enough_for_its_locko
     config = selchat.ServerConfig()
     account = selchat.Account("192.0.2.1", 0, config, now=0.0)
     assert account.forgettable(0.0)
-    account.failures, account.failed_at, account.locked_until = 10, 100.0, 101.0
-    assert not account.forgettable(102.0)  # the lockout is over, the count is not
-    assert account.forgettable(100.0 + selchat.PASSWORD_LOCKOUT_MAX)
+    for lockout in (account.password, account.ops):
+        for when in range(91, 101):
+            lockout.fail(float(when), 10)
+        assert lockout.locked_until == 101.0
+        assert not account.forgettable(102.0)  # the lockout is over, the count is not
+        assert account.forgettable(100.0 + selchat.PASSWORD_LOCKOUT_MAX)
+        lockout.failures = 0
