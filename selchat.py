@@ -3335,18 +3335,27 @@ CREATE TABLE IF NOT EXISTS bans (
     at REAL NOT NULL
 );
 """
-STORE_FTS = """
+# The full-text index covers the messages up to meta's "indexed" id: it is
+# brought up to date when the writer has had nothing to write for
+# STORE_INDEX_IDLE, STORE_INDEX_CHUNK messages at a time (indexing costs ten
+# times what storing does); a search scans the messages past it.
+STORE_FTS = (
+    """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('indexed', 0);
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (
     text, content='messages', content_rowid='id', tokenize='trigram'
 );
-CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN
-    INSERT INTO messages_fts (rowid, text) VALUES (new.id, substr(new.text, 1, %d));
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
+WHEN old.id <= (SELECT value FROM meta WHERE key = 'indexed') BEGIN
     INSERT INTO messages_fts (messages_fts, rowid, text)
     VALUES ('delete', old.id, substr(old.text, 1, %d));
 END;
-""" % (SEARCH_INDEXED, SEARCH_INDEXED)
+"""
+    % SEARCH_INDEXED
+)
+STORE_INDEX_IDLE = 0.1
+STORE_INDEX_CHUNK = 1000
 
 
 class StoreError(Exception):
@@ -3539,6 +3548,8 @@ class Store:
         self._threads: list[threading.Thread] = []
         self._db: Any = None  # the writer's connection
         self._prepared = False
+        self.indexed = 0  # the last message id in the full-text index
+        self._unindexed = False  # messages past it (the writer indexes them when idle)
         self._failing = False
         self._retry_at = 0.0
         self._next_prune = 0.0
@@ -3612,6 +3623,7 @@ class Store:
         try:
             db.executescript(STORE_FTS)
             self.fts = True
+            self._note_indexed(db)
         except sqlite3.OperationalError as exc:  # no FTS5, or no trigram: a scan it is
             if "no such" not in str(exc) and "tokenizer" not in str(exc):
                 raise
@@ -3687,11 +3699,17 @@ class Store:
 
         jobs: list[Callable[[Any], None]] = []  # topic and bans not written yet
         while True:
+            index = False
             with self._ready:
                 while not self._writes and not self._jobs and not self._stopped:
                     if jobs and time.monotonic() >= self._retry_at:
                         break
-                    self._ready.wait(STORE_RETRY if jobs else None)
+                    if self._unindexed and not self._failing:
+                        if not self._ready.wait(STORE_INDEX_IDLE):
+                            index = True  # quiet: the index catches up
+                            break
+                    else:
+                        self._ready.wait(STORE_RETRY if jobs else None)
                 writes, self._writes = self._writes, []
                 jobs.extend(self._jobs)
                 self._jobs = []
@@ -3700,9 +3718,12 @@ class Store:
             if self._failing and time.monotonic() < self._retry_at and not stopping:
                 # Not tried again yet: these are kept in memory only.
                 self.dropped += sum(len(_frame_spans(blob)) for _, blob in writes)
-            elif writes or jobs:
+            elif writes or jobs or index:
                 try:
-                    self._commit(writes, jobs)
+                    if index and not writes and not jobs:
+                        self._index()
+                    else:
+                        self._commit(writes, jobs)
                 except sqlite3.Error as exc:
                     self._rollback()
                     self.dropped += sum(len(_frame_spans(blob)) for _, blob in writes)
@@ -3743,8 +3764,34 @@ class Store:
         for job in jobs:
             job(db)
         db.execute("COMMIT")
+        if rows and self.fts:
+            self._unindexed = True
         if time.monotonic() >= self._next_prune:
             self._prune(db)
+
+    def _note_indexed(self, db: Any) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'indexed'").fetchone()
+        self.indexed = int(row[0]) if row else 0
+        last = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        self._unindexed = last > self.indexed
+
+    def _index(self) -> None:
+        """Add the next STORE_INDEX_CHUNK messages to the full-text index."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        start = self.indexed
+        db.execute(
+            "INSERT INTO messages_fts (rowid, text) SELECT id, substr(text, 1, ?) "
+            "FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            (SEARCH_INDEXED, start, STORE_INDEX_CHUNK),
+        )
+        db.execute(
+            "UPDATE meta SET value = (SELECT coalesce(max(id), ?) FROM "
+            "(SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)) WHERE key = 'indexed'",
+            (start, start, STORE_INDEX_CHUNK),
+        )
+        db.execute("COMMIT")
+        self._note_indexed(db)
 
     def _prune(self, db: Any) -> None:
         self._next_prune = time.monotonic() + STORE_PRUNE_INTERVAL
@@ -3797,30 +3844,39 @@ class Store:
 
     def _find(self, query: str, after: int, db: Any) -> list[bytes]:
         """The last SEARCH_RESULTS messages within --keep that hold every term,
-        oldest first, once the first ``after`` writes are done with."""
+        oldest first, once the first ``after`` writes are done with.
+
+        The full-text index answers for the messages it covers, if every term
+        has three characters or more (trigrams); the messages past it, or all
+        of them for shorter terms, are scanned, the last SEARCH_SCAN at most.
+        """
         with self._written:
             self._written.wait_for(lambda: self._done >= after, STORE_BUSY_TIMEOUT)
         terms = search_terms(query)
-        long_terms = [term for term in terms if len(term) >= 3] if self.fts else []
-        short = [term for term in terms if term not in long_terms]
-        where = ["m.at >= ?"]
-        args: list[Any] = [self._oldest()]
-        for term in short:
-            where.append("instr(fold(substr(m.text, 1, %d)), ?) > 0" % SEARCH_INDEXED)
-            args.append(term)
-        if long_terms:
-            sql = (
-                "SELECT m.frame FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid "
-                "WHERE messages_fts MATCH ? AND %s ORDER BY messages_fts.rowid DESC LIMIT ?"
-            ) % " AND ".join(where)
-            args.insert(0, " ".join(_fts_phrase(term) for term in long_terms))
-        else:
-            where.append("m.id > (SELECT coalesce(max(id), 0) FROM messages) - %d" % SEARCH_SCAN)
-            sql = "SELECT m.frame FROM messages AS m WHERE %s ORDER BY m.id DESC LIMIT ?" % (
-                " AND ".join(where)
-            )
-        args.append(SEARCH_RESULTS)
-        return [bytes(row[0]) for row in reversed(db.execute(sql, args).fetchall())]
+        scan = ["m.at >= ?"] + [
+            "instr(fold(substr(m.text, 1, %d)), ?) > 0" % SEARCH_INDEXED for _ in terms
+        ]
+        scan.append("m.id > (SELECT coalesce(max(id), 0) FROM messages) - %d" % SEARCH_SCAN)
+        indexed = self.indexed if self.fts and min(map(len, terms)) >= 3 else 0
+        scan.append("m.id > %d" % indexed)
+        rows = db.execute(
+            "SELECT m.frame FROM messages AS m WHERE %s ORDER BY m.id DESC LIMIT ?"
+            % " AND ".join(scan),
+            [self._oldest(), *terms, SEARCH_RESULTS],
+        ).fetchall()
+        if indexed and len(rows) < SEARCH_RESULTS:
+            rows += db.execute(
+                "SELECT m.frame FROM messages_fts JOIN messages AS m "
+                "ON m.id = messages_fts.rowid WHERE messages_fts MATCH ? AND m.at >= ? "
+                "AND m.id <= ? ORDER BY messages_fts.rowid DESC LIMIT ?",
+                (
+                    " ".join(_fts_phrase(term) for term in terms),
+                    self._oldest(),
+                    indexed,
+                    SEARCH_RESULTS - len(rows),
+                ),
+            ).fetchall()
+        return [bytes(row[0]) for row in reversed(rows)]
 
     # -- jobs (run by the writer, in its transaction) ----------------------
 

@@ -564,3 +564,78 @@ def test_a_burst_of_large_messages_never_cuts_the_room_off_redis(redis_url, star
     )
     carol.send_chat("small", nick="carol")
     assert next_chat(bob)[1:] == ("carol", "small")
+
+
+# ---------------------------------------------------------------------------
+# Running the room (issue 15): topic, kicks, bans and operators reach every server
+# ---------------------------------------------------------------------------
+
+OPS = "open sesame"
+
+
+def test_the_topic_reaches_every_server_and_servers_started_later(
+    redis_url, start_server, join, connect
+):
+    first = start_server(redis_url, "--ops-password", OPS)
+    second = start_server(redis_url)
+    alice = join(first, "alice")
+    bob = join(second, "bob")
+    wait_service(alice, r"^bob joined")
+    alice.send_frame("/op " + OPS)
+    wait_service(alice, r"^You are an operator now")
+    alice.send_frame("/topic shared topic ✓")
+    wait_service(bob, r"^alice set the topic: shared topic ✓$")
+    bob.send_frame("/topic")
+    assert wait_service(bob, r"^Topic: ")[0].startswith("Topic: shared topic ✓ (set by alice, ")
+    assert connect(second.port).register("carol").endswith("Topic: shared topic ✓")
+    third = start_server(redis_url)
+    assert connect(third.port).register("dave").endswith("Topic: shared topic ✓")
+
+
+def test_kicks_and_bans_reach_the_server_that_has_the_user(redis_url, start_server, join, connect):
+    first = start_server(redis_url, "--ops-password", OPS)
+    second = start_server(redis_url)
+    alice = join(first, "alice")
+    mallory = connect(second.port, "mallory", source="127.0.0.2")
+    trudy = connect(second.port, "trudy", source="127.0.0.3")
+    wait_service(alice, r"^trudy joined")
+    alice.send_frame("/op " + OPS)
+    wait_service(alice, r"^You are an operator now")
+    # /who on the other server marks the operator.
+    trudy.send_frame("/who")
+    listing = wait_service(trudy, r"online: ")[0]
+    assert re.search(r"alice \(operator, on [^,]+, joined ", listing), listing
+    assert re.search(r"mallory \(on [^,]+, joined ", listing), listing
+
+    alice.send_frame("/kick trudy off topic")
+    assert trudy.recv_until_closed()[-1] == "You were kicked out by alice: off topic"
+    wait_service(alice, r"^trudy was kicked out by alice: off topic$")
+    alice.send_frame("/kick nobody")
+    assert wait_service(alice, r"^Nobody")[0].startswith("Nobody called nobody is online")
+
+    alice.send_frame("/ban mallory 1h spam")
+    assert wait_service(alice, r"^Banned")[0] == "Banned the address of mallory (on another server)"
+    told = mallory.recv_until_closed()[-1]
+    assert re.fullmatch(r"You are banned from this server until .* UTC \(by alice\): spam", told)
+    wait_service(alice, r"^mallory was banned by alice: spam$")
+    for server in (first, second, start_server(redis_url)):  # and one started after it
+        peer = Peer(server.port, source="127.0.0.2")
+        assert peer.recv_until_closed() == [told], server.port
+        peer.close()
+    alice.send_frame("/bans")
+    assert re.fullmatch(
+        r"1 ban: 127\.0\.0\.2 \(mallory, by alice, until .*: spam\)",
+        wait_service(alice, r"ban")[0],
+    )
+    alice.send_frame("/unban 127.0.0.2")
+    assert wait_service(alice, r"^Unbanned")[0] == "Unbanned 127.0.0.2"
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the unban reaches the other server through Redis
+        peer = Peer(second.port, source="127.0.0.2")
+        peer.send_frame("mallory")
+        first_frame = peer.recv_service()
+        peer.close()
+        if first_frame.startswith("Welcome"):
+            break
+        assert time.monotonic() < deadline, first_frame
+        time.sleep(0.05)

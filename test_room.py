@@ -488,7 +488,7 @@ def test_keep_bounds_what_is_replayed_and_kept(room_server, join, connect, tmp_p
     frame = selchat.encode_frame(chat_payload("ancient history", "bob"))
     with db:
         db.execute(
-            "INSERT INTO messages (id, at, stamp, nick, text, frame) VALUES (0, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (at, stamp, nick, text, frame) VALUES (?, ?, ?, ?, ?)",
             (old, "2000-01-01T00:00:00+00:00", "bob", "ancient history", frame),
         )
     db.close()
@@ -765,3 +765,37 @@ def test_the_client_completes_the_new_commands():
     editor.insert("/se")
     editor.complete(["alice"])
     assert editor.text == "/search "
+
+
+def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
+    """In-process: a search finds the same before the full-text index caught up
+    (the messages are scanned) as after (the index answers)."""
+    store = selchat.Store(str(tmp_path / "room.db"))
+    store.open(0)
+    texts = [
+        "Deploying the build",
+        "Привет, мир",
+        "你好世界",
+        "café crème",
+        'said "ship it now"',
+        "DEPLOY again",
+        *("filler %d" % n for n in range(30)),
+        *("the deploy number %d" % n for n in range(25)),
+    ]
+    blob = b"".join(selchat.encode_frame(chat_payload(text, "bob")) for text in texts)
+    store._commit([(time.time(), blob)], [])
+    queries = ["deploy", "МИР", "世界", "crème", '"ship it"', "deploy number", "zzz", "de"]
+    db = store._connect(1.0)
+    before = {q: store._find(q, 0, db) for q in queries}
+    assert store.indexed == 0
+    while store._unindexed:
+        store._index()
+    assert store.indexed == len(texts)
+    after = {q: store._find(q, 0, db) for q in queries}
+    assert before == after
+    found = [selchat.unpack_stored(frame)[2] for frame in after["deploy"]]
+    assert found == ["the deploy number %d" % n for n in range(5, 25)]  # the last 20
+    assert [selchat.unpack_stored(f)[2] for f in after["世界"]] == ["你好世界"]
+    assert after["zzz"] == []
+    db.close()
+    store._close()
