@@ -44,8 +44,14 @@ Without ``--tls-cert`` it does not encrypt, and without ``--password`` it does
 not authenticate: anyone who can reach the port can join under any free
 nickname and read the room. Even with both there are no accounts (one shared
 password, nicknames first come, first served) and no private rooms, and the
-history lives in the server's memory only: a restart forgets it (unless the
-room is shared through Redis, below). One server is one thread: it scales to
+history lives in the server's memory only: a restart forgets it (unless
+``--store`` keeps it in SQLite, or the room is shared through Redis, below).
+
+Running a room: ``--ops-password`` lets ``/op PASSWORD`` make operators, who
+may ``/kick``, ``/ban`` and ``/unban`` addresses and set the ``/topic`` (which
+ends every welcome). ``--store PATH`` keeps the history, the topic and the
+bans in an SQLite database written by a thread of its own, and ``/search``
+looks through it. One server is one thread: it scales to
 thousands of users, not to more than one core; for more, several servers
 share one room through Redis.
 
@@ -1241,6 +1247,7 @@ class ChatServer:
         self.store = store
         self._to_store: list[Buffer] = []  # this turn's chat, for the store
         self._store_behind_at = -STORE_RETRY  # when "not keeping up" was last logged
+        self._search_rate = TokenBucket(SEARCH_RATE, SEARCH_BURST, self._now)
 
     def restore(
         self, frames: list[bytes], topic: tuple[str, str, float] | None, bans: list[Ban]
@@ -2290,6 +2297,11 @@ class ChatServer:
             self._tell(conn, "Type /kick NICK [REASON]")
             return
         reason = parts[2].strip() if len(parts) > 2 else ""
+        if len(reason) > MAX_TOPIC:
+            self._tell(conn, "Not kicked: a reason has at most %d characters" % MAX_TOPIC)
+            return
+        if not self._charge_command(conn, NICK_COST - 1):  # told to everyone
+            return
         target = self.users.get(parts[1].casefold())
         if target is conn:
             self._tell(conn, "You cannot kick yourself out; type %s to leave" % QUIT_COMMAND)
@@ -2322,6 +2334,11 @@ class ChatServer:
             return
         seconds = parse_duration(parts[2]) if len(parts) > 2 else None
         reason = " ".join(parts[3 if seconds is not None else 2 :]).strip()
+        if len(reason) > MAX_TOPIC:
+            self._tell(conn, "Not banned: a reason has at most %d characters" % MAX_TOPIC)
+            return
+        if not self._charge_command(conn, NICK_COST - 1):  # told to everyone
+            return
         until = time.time() + seconds if seconds is not None else None
         target = self.users.get(parts[1].casefold())
         if target is not None:
@@ -2501,7 +2518,9 @@ class ChatServer:
             return
         if not self._charge_command(conn, SEARCH_COST - 1):
             return
-        if not store.search(query, functools.partial(self._found, conn, query)):
+        if not self._search_rate.take(self._now) or not store.search(
+            query, functools.partial(self._found, conn, query)
+        ):
             self._tell(conn, "Not searched: the server is busy searching; try again in a moment")
             return
         conn.searching = True
@@ -3296,12 +3315,16 @@ DEFAULT_KEEP_DAYS = 30.0
 SEARCH_RESULTS = 20
 SEARCH_COST = 10
 MAX_SEARCHES = 16  # searches waiting for the store, all users together
+# Searches a second, all users together (a scan of 200,000 messages takes
+# 0.1 s of a core): the rest are told the server is busy.
+SEARCH_RATE = 10.0
+SEARCH_BURST = 20
 # Full-text search indexes the first this many characters of a message; the
 # substring scan (short words, or an SQLite without FTS5's trigram tokenizer)
 # looks at that many too, in at most the last SEARCH_SCAN messages.
 SEARCH_INDEXED = 4000
 SEARCH_SCAN = 200_000
-MAX_TOPIC = 400  # characters
+MAX_TOPIC = 400  # characters of a topic, or of the reason for a kick or a ban
 MAX_SEARCH = 400  # characters of a /search that are looked for
 SEARCH_END = "--- end of search results ---"
 OP_COST = 10  # /op, /kick, /ban are told to many, or checked like passwords
@@ -3853,25 +3876,34 @@ class Store:
         with self._written:
             self._written.wait_for(lambda: self._done >= after, STORE_BUSY_TIMEOUT)
         terms = search_terms(query)
-        scan = ["m.at >= ?"] + [
-            "instr(fold(substr(m.text, 1, %d)), ?) > 0" % SEARCH_INDEXED for _ in terms
-        ]
-        scan.append("m.id > (SELECT coalesce(max(id), 0) FROM messages) - %d" % SEARCH_SCAN)
-        indexed = self.indexed if self.fts and min(map(len, terms)) >= 3 else 0
-        scan.append("m.id > %d" % indexed)
+        # Ids grow with time: the first message within --keep bounds both ways.
+        first = db.execute(
+            "SELECT id FROM messages WHERE at >= ? ORDER BY at LIMIT 1", (self._oldest(),)
+        ).fetchone()
+        if first is None:
+            return []
+        last = db.execute("SELECT max(id) FROM messages").fetchone()[0]
+        lowest = first[0] - 1
+        indexed = self.indexed if self.fts and min(map(len, terms)) >= 3 else lowest
+        # ASCII words are matched by SQLite's lower() (no Python in the loop
+        # over rows); others by casefold().
+        match = " AND ".join(
+            "instr(%s(substr(text, 1, %d)), ?) > 0"
+            % ("lower" if term.isascii() else "fold", SEARCH_INDEXED)
+            for term in terms
+        )
         rows = db.execute(
-            "SELECT m.frame FROM messages AS m WHERE %s ORDER BY m.id DESC LIMIT ?"
-            % " AND ".join(scan),
-            [self._oldest(), *terms, SEARCH_RESULTS],
+            "SELECT frame FROM messages WHERE id > ? AND %s ORDER BY id DESC LIMIT ?" % match,
+            [max(indexed, lowest, last - SEARCH_SCAN), *terms, SEARCH_RESULTS],
         ).fetchall()
-        if indexed and len(rows) < SEARCH_RESULTS:
+        if indexed > lowest and len(rows) < SEARCH_RESULTS:
             rows += db.execute(
-                "SELECT m.frame FROM messages_fts JOIN messages AS m "
-                "ON m.id = messages_fts.rowid WHERE messages_fts MATCH ? AND m.at >= ? "
-                "AND m.id <= ? ORDER BY messages_fts.rowid DESC LIMIT ?",
+                "SELECT frame FROM messages WHERE id IN (SELECT rowid FROM messages_fts "
+                "WHERE messages_fts MATCH ? AND rowid > ? AND rowid <= ? ORDER BY rowid DESC "
+                "LIMIT ?) ORDER BY id DESC",
                 (
                     " ".join(_fts_phrase(term) for term in terms),
-                    self._oldest(),
+                    lowest,
                     indexed,
                     SEARCH_RESULTS - len(rows),
                 ),

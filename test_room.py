@@ -621,6 +621,7 @@ def test_a_read_only_database_degrades_to_memory_and_tells_operators(room_server
     server = room_server(store=True)
     alice = join(server, "alice")
     alice.send_chat("kept before", nick="alice")
+    assert ask(alice, "/topic") == "No topic is set"  # the message was handled before it
     server.interrupt()
     for suffix in ("-wal", "-shm"):
         assert not os.path.exists(path + suffix)
@@ -799,3 +800,29 @@ def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
     assert after["zzz"] == []
     db.close()
     store._close()
+
+
+def test_reasons_are_bounded_like_the_topic(room_server, join):
+    server = room_server()
+    alice = join(server, "alice")
+    join(server, "bob")
+    become_op(alice)
+    long = "x" * 401
+    assert ask(alice, "/kick bob " + long) == "Not kicked: a reason has at most 400 characters"
+    assert ask(alice, "/ban bob 1h " + long) == "Not banned: a reason has at most 400 characters"
+    assert "bob (joined" in ask(alice, "/who")
+
+
+def test_searches_are_bounded_for_the_whole_server(room_server, connect):
+    """Each user runs one search at a time, and the server at most
+    MAX_SEARCHES waiting, SEARCH_BURST at once and SEARCH_RATE a second: the
+    rest are told it is busy."""
+    server = room_server(store=True)
+    users = [connect(server.port, "user%d" % n) for n in range(30)]
+    for user in users:
+        user.send_frame("/search something")
+    answers = [wait_service(user, r"^(No messages|Not searched)")[0] for user in users]
+    busy = answers.count("Not searched: the server is busy searching; try again in a moment")
+    assert 30 - busy >= min(selchat.SEARCH_BURST, selchat.MAX_SEARCHES)
+    assert busy >= 5, answers
+    assert answers.count('No messages match "something"') == 30 - busy
