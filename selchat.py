@@ -3162,7 +3162,7 @@ class ChatServer:
         if self.store is not None:
             if self._to_store:
                 self._flush_store()
-            self.store.stop(SHUTDOWN_GRACE)
+            self.store.stop(STORE_STOP_WAIT)
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             for sock in self._wakeup:
@@ -3333,6 +3333,7 @@ STORE_MAX_BACKLOG = 16 << 20
 STORE_RETRY = 10.0  # seconds between attempts at a store that failed
 STORE_PRUNE_INTERVAL = 3600.0  # messages older than --keep are deleted this often
 STORE_BUSY_TIMEOUT = 2.0  # a locked database is waited for this long, by the writer only
+STORE_STOP_WAIT = 0.5  # at shutdown, for the last messages to be written
 STORE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,  -- the order they were relayed in
@@ -3591,6 +3592,14 @@ class Store:
         """
         import sqlite3
 
+        try:
+            # The history is the room's: readable by the server's user alone
+            # (SQLite gives its -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(_reason(exc)) from None
         try:
             self._db = self._connect(STORE_BUSY_TIMEOUT / 2)
         except sqlite3.Error as exc:

@@ -826,3 +826,13 @@ def test_searches_are_bounded_for_the_whole_server(room_server, connect):
     assert 30 - busy >= min(selchat.SEARCH_BURST, selchat.MAX_SEARCHES)
     assert busy >= 5, answers
     assert answers.count('No messages match "something"') == 30 - busy
+
+
+def test_the_store_is_readable_by_the_servers_user_alone(room_server, join, tmp_path):
+    server = room_server(store=True)
+    alice = join(server, "alice")
+    alice.send_chat("private enough", nick="alice")
+    assert ask(alice, "/topic") == "No topic is set"
+    for name in os.listdir(str(tmp_path)):
+        if name.startswith("room.db"):
+            assert os.stat(str(tmp_path / name)).st_mode & 0o777 == 0o600, name
