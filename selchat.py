@@ -3590,7 +3590,10 @@ class Store:
         full) is used as far as it can be: the failure is logged and the
         writer tries again later.
         """
-        import sqlite3
+        try:
+            import sqlite3
+        except ImportError:  # a Python built without it
+            raise StoreError("this Python has no sqlite3 module") from None
 
         try:
             # The history is the room's: readable by the server's user alone
