@@ -71,6 +71,13 @@ def refused_at_connect(port, source):
         peer.close()
 
 
+def hang_up(names):
+    """Close every peer a test holds, so that stopping its server waits for nobody."""
+    for value in names.values():
+        if isinstance(value, (Peer, User)):
+            value.close()
+
+
 def search(user, query):
     """The answer to /search: (its first line, the chat frames it brought)."""
     user.send_frame("/search " + query)
@@ -454,6 +461,7 @@ def test_a_restarted_server_replays_the_same_history_and_keeps_topic_and_bans(
     bob.send_frame("/msg alice a secret")
     assert bob.recv_chat_skipping_notices()[1] == "[private] bob -> alice"
     ask(alice, "/ban 127.0.0.9 spam", "^Banned")
+    hang_up(locals())
     server.interrupt()
 
     restarted = room_server(store=True)
@@ -481,6 +489,7 @@ def test_keep_bounds_what_is_replayed_and_kept(room_server, join, connect, tmp_p
     bob = join(server, "bob")
     bob.send_chat("recent", nick="bob")
     alice.recv_chat_skipping_notices()
+    hang_up(locals())
     server.interrupt()
     path = str(tmp_path / "room.db")
     db = sqlite3.connect(path)
@@ -497,6 +506,7 @@ def test_keep_bounds_what_is_replayed_and_kept(room_server, join, connect, tmp_p
     _, replayed = read_history(carol)
     assert [text for _, _, text in replayed] == ["recent"]
     assert search(carol, "ancient")[0] == 'No messages match "ancient"'
+    hang_up(locals())
     restarted.interrupt()  # it deleted what is older than --keep when it opened the store
     db = sqlite3.connect(path)
     assert db.execute("SELECT text FROM messages").fetchall() == [("recent",)]
@@ -622,6 +632,7 @@ def test_a_read_only_database_degrades_to_memory_and_tells_operators(room_server
     alice = join(server, "alice")
     alice.send_chat("kept before", nick="alice")
     assert ask(alice, "/topic") == "No topic is set"  # the message was handled before it
+    hang_up(locals())
     server.interrupt()
     for suffix in ("-wal", "-shm"):
         assert not os.path.exists(path + suffix)
@@ -699,6 +710,7 @@ def test_a_locked_or_corrupt_database_degrades_and_the_chat_goes_on(room_server,
     finally:
         locker.execute("ROLLBACK")
         locker.close()
+    hang_up(locals())
     server.interrupt()
     with open(path, "wb") as file:
         file.write(b"this is not a database" * 100)
