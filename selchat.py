@@ -46,14 +46,14 @@ nickname and read the room. Even with both there are no accounts (one shared
 password, nicknames first come, first served) and no private rooms, and the
 history lives in the server's memory only: a restart forgets it (unless
 ``--store`` keeps it in SQLite, or the room is shared through Redis, below).
+One server is one thread: it scales to thousands of users, not to more than
+one core; for more, several servers share one room through Redis.
 
 Running a room: ``--ops-password`` lets ``/op PASSWORD`` make operators, who
 may ``/kick``, ``/ban`` and ``/unban`` addresses and set the ``/topic`` (which
 ends every welcome). ``--store PATH`` keeps the history, the topic and the
 bans in an SQLite database written by a thread of its own, and ``/search``
-looks through it. One server is one thread: it scales to
-thousands of users, not to more than one core; for more, several servers
-share one room through Redis.
+looks through it.
 
 Several servers can share one room through Redis (``server --redis URL``, the
 ``redis`` package needed then only): messages, notices, nicknames, ``/who``,
