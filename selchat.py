@@ -2518,6 +2518,8 @@ class ChatServer:
             return
         if not self._charge_command(conn, SEARCH_COST - 1):
             return
+        if self._to_store:  # what it has seen, this turn too
+            self._flush_store()
         if not self._search_rate.take(self._now) or not store.search(
             query, functools.partial(self._found, conn, query)
         ):
@@ -2554,9 +2556,9 @@ class ChatServer:
     # -- the store ---------------------------------------------------------
 
     def _flush_store(self) -> None:
-        frames, self._to_store = b"".join(self._to_store), []
+        buffers, self._to_store = self._to_store, []
         assert self.store is not None
-        if not self.store.write(frames) and self._now - self._store_behind_at >= STORE_RETRY:
+        if not self.store.write(buffers) and self._now - self._store_behind_at >= STORE_RETRY:
             self._store_behind_at = self._now
             log("the store is not keeping up: messages not stored (they are kept in memory)")
 
@@ -2783,8 +2785,6 @@ class ChatServer:
     # -- the end of each turn ---------------------------------------------
 
     def _end_of_turn(self) -> None:
-        if self._to_store:
-            self._flush_store()
         if self._notices_owed():
             self._announce()
         if self._dirty:
@@ -2795,6 +2795,8 @@ class ChatServer:
                 conn.dirty = False
                 if conn.state != CLOSED:
                     self._send(conn)
+        if self._to_store:  # once the readers have theirs
+            self._flush_store()
         if self._overflowed:  # past --max-queue in a broadcast: cut if still so
             overflowed, self._overflowed = self._overflowed, []
             for conn in overflowed:
@@ -3335,6 +3337,11 @@ STORE_PRUNE_INTERVAL = 3600.0  # messages older than --keep are deleted this oft
 STORE_BUSY_TIMEOUT = 2.0  # a locked database is waited for this long, by the writer only
 STORE_STOP_WAIT = 0.5  # at shutdown, for the last messages to be written
 STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,        -- when the server relayed them (Unix time)
+    frames BLOB NOT NULL     -- one turn's chat frames end to end, exactly as relayed
+);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,  -- the order they were relayed in
     at REAL NOT NULL,        -- when the server relayed it (Unix time; --keep counts from it)
@@ -3378,7 +3385,14 @@ END;
 """
     % SEARCH_INDEXED
 )
+# While messages come, the writer stores each turn's frames as one row of
+# "turns", at most every STORE_COMMIT_INTERVAL (a row a message would cost the
+# loop's core more than relaying it to a hundred readers). Once it has had
+# nothing to write for STORE_INDEX_IDLE, it splits them into "messages",
+# STORE_SPLIT_CHUNK turns at a time, then indexes those.
+STORE_COMMIT_INTERVAL = 0.05
 STORE_INDEX_IDLE = 0.1
+STORE_SPLIT_CHUNK = 20
 STORE_INDEX_CHUNK = 1000
 
 
@@ -3574,6 +3588,8 @@ class Store:
         self._prepared = False
         self.indexed = 0  # the last message id in the full-text index
         self._unindexed = False  # messages past it (the writer indexes them when idle)
+        self._unsplit = False  # turns not split into messages yet (the same)
+        self._pause = threading.Event()  # set when stopping: no more waiting between commits
         self._failing = False
         self._retry_at = 0.0
         self._next_prune = 0.0
@@ -3612,7 +3628,10 @@ class Store:
         bans: list[Ban] = []
         try:
             self._prepare(self._db)
+            while self._unsplit:  # what the last run had no quiet moment for
+                self._split()
         except sqlite3.Error as exc:
+            self._rollback()
             self._fail(exc)
         try:
             db = self._db
@@ -3622,6 +3641,8 @@ class Store:
                     (self._oldest(), history),
                 ).fetchall()
                 frames = [bytes(row[0]) for row in reversed(rows)]
+                frames += self._unsplit_frames(db, history)
+                frames = frames[-history:]
             row = db.execute("SELECT text, nick, at FROM topic WHERE id = 1").fetchone()
             if row is not None:
                 topic = (str(row[0]), str(row[1]), float(row[2]))
@@ -3652,6 +3673,9 @@ class Store:
 
         if self._prepared:
             return
+        # Large pages: a turn's frames are one row, written in few pages (a
+        # database that exists keeps its own page size).
+        db.execute("PRAGMA page_size = 65536")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(STORE_SCHEMA)
@@ -3664,6 +3688,7 @@ class Store:
                 raise
             self.fts = False
         db.execute("PRAGMA user_version = 1")
+        self._unsplit = db.execute("SELECT EXISTS (SELECT 1 FROM turns)").fetchone()[0] == 1
         self._prepared = True
         self._prune(db)
 
@@ -3675,6 +3700,7 @@ class Store:
 
     def stop(self, timeout: float) -> None:
         """Write what is waiting (for ``timeout`` at most), then stop."""
+        self._pause.set()
         with self._ready:
             self._stopped = True
             self._ready.notify()
@@ -3687,14 +3713,15 @@ class Store:
 
     # -- in the loop ---------------------------------------------------------
 
-    def write(self, frames: bytes) -> bool:
-        """Store a turn's chat frames (one bytes, frames end to end); False when
-        the writer is too far behind to take them."""
+    def write(self, buffers: Sequence[Buffer]) -> bool:
+        """Store a turn's chat frames; False when the writer is too far behind
+        to take them (they are not even copied then)."""
+        size = sum(len(buffer) for buffer in buffers)
         with self._ready:
-            if self._backlog + len(frames) > STORE_MAX_BACKLOG:
+            if self._backlog + size > STORE_MAX_BACKLOG:
                 return False
-            self._backlog += len(frames)
-            self._writes.append((time.time(), frames))
+            self._backlog += size
+            self._writes.append((time.time(), b"".join(buffers)))
             self._handed += 1
             self._ready.notify()
         return True
@@ -3739,9 +3766,9 @@ class Store:
                 while not self._writes and not self._jobs and not self._stopped:
                     if jobs and time.monotonic() >= self._retry_at:
                         break
-                    if self._unindexed and not self._failing:
+                    if (self._unsplit or self._unindexed) and not self._failing:
                         if not self._ready.wait(STORE_INDEX_IDLE):
-                            index = True  # quiet: the index catches up
+                            index = True  # quiet: split and index what came
                             break
                     else:
                         self._ready.wait(STORE_RETRY if jobs else None)
@@ -3756,7 +3783,7 @@ class Store:
             elif writes or jobs or index:
                 try:
                     if index and not writes and not jobs:
-                        self._index()
+                        self._split() if self._unsplit else self._index()
                     else:
                         self._commit(writes, jobs)
                 except sqlite3.Error as exc:
@@ -3778,6 +3805,8 @@ class Store:
             if stopping:
                 self._close()
                 return
+            if writes:  # what comes meanwhile is written together
+                self._pause.wait(STORE_COMMIT_INTERVAL)
 
     def _commit(self, writes: list[tuple[float, bytes]], jobs: list[Callable[[Any], None]]) -> None:
         db = self._db
@@ -3785,8 +3814,26 @@ class Store:
             db = self._db = self._connect(STORE_BUSY_TIMEOUT)
         self._prepare(db)
         db.execute("BEGIN IMMEDIATE")
+        if writes:
+            db.executemany("INSERT INTO turns (at, frames) VALUES (?, ?)", writes)
+        for job in jobs:
+            job(db)
+        db.execute("COMMIT")
+        if writes:
+            self._unsplit = True
+        if time.monotonic() >= self._next_prune:
+            self._prune(db)
+
+    def _split(self) -> None:
+        """Split the next STORE_SPLIT_CHUNK turns into messages."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        turns = db.execute(
+            "SELECT id, at, frames FROM turns ORDER BY id LIMIT ?", (STORE_SPLIT_CHUNK,)
+        ).fetchall()
         rows = []
-        for at, blob in writes:
+        for _, at, blob in turns:
+            blob = bytes(blob)
             for start, stop in _frame_spans(blob):
                 frame = blob[start:stop]
                 parts = unpack_stored(frame)
@@ -3796,13 +3843,23 @@ class Store:
             db.executemany(
                 "INSERT INTO messages (at, stamp, nick, text, frame) VALUES (?, ?, ?, ?, ?)", rows
             )
-        for job in jobs:
-            job(db)
+        if turns:
+            db.execute("DELETE FROM turns WHERE id <= ?", (turns[-1][0],))
         db.execute("COMMIT")
+        self._unsplit = len(turns) == STORE_SPLIT_CHUNK
         if rows and self.fts:
             self._unindexed = True
-        if time.monotonic() >= self._next_prune:
-            self._prune(db)
+
+    @staticmethod
+    def _unsplit_frames(db: Any, limit: int) -> list[bytes]:
+        """The last ``limit`` frames of the turns not split yet, in order."""
+        frames: list[bytes] = []
+        for (blob,) in db.execute("SELECT frames FROM turns ORDER BY id DESC"):
+            blob = bytes(blob)
+            frames[:0] = [blob[start:stop] for start, stop in _frame_spans(blob)]
+            if len(frames) >= limit:
+                break
+        return frames[-limit:] if limit else []
 
     def _note_indexed(self, db: Any) -> None:
         row = db.execute("SELECT value FROM meta WHERE key = 'indexed'").fetchone()
@@ -3831,6 +3888,7 @@ class Store:
     def _prune(self, db: Any) -> None:
         self._next_prune = time.monotonic() + STORE_PRUNE_INTERVAL
         if self.keep:
+            db.execute("DELETE FROM turns WHERE at < ?", (self._oldest(),))
             db.execute("DELETE FROM messages WHERE at < ?", (self._oldest(),))
             db.execute("DELETE FROM bans WHERE until IS NOT NULL AND until < ?", (time.time(),))
 
@@ -3888,12 +3946,22 @@ class Store:
         with self._written:
             self._written.wait_for(lambda: self._done >= after, STORE_BUSY_TIMEOUT)
         terms = search_terms(query)
+        # The newest are in the turns not split yet: looked through here.
+        found: list[bytes] = []
+        for frame in reversed(self._unsplit_frames(db, SEARCH_SCAN)):
+            parts = unpack_stored(frame)
+            if parts is not None:
+                text = parts[2][:SEARCH_INDEXED].casefold()
+                if all(term in text for term in terms):
+                    found.append(frame)
+                    if len(found) == SEARCH_RESULTS:
+                        return found[::-1]
         # Ids grow with time: the first message within --keep bounds both ways.
         first = db.execute(
             "SELECT id FROM messages WHERE at >= ? ORDER BY at LIMIT 1", (self._oldest(),)
         ).fetchone()
         if first is None:
-            return []
+            return found[::-1]
         last = db.execute("SELECT max(id) FROM messages").fetchone()[0]
         lowest = first[0] - 1
         indexed = self.indexed if self.fts and min(map(len, terms)) >= 3 else lowest
@@ -3906,8 +3974,9 @@ class Store:
         )
         rows = db.execute(
             "SELECT frame FROM messages WHERE id > ? AND %s ORDER BY id DESC LIMIT ?" % match,
-            [max(indexed, lowest, last - SEARCH_SCAN), *terms, SEARCH_RESULTS],
+            [max(indexed, lowest, last - SEARCH_SCAN), *terms, SEARCH_RESULTS - len(found)],
         ).fetchall()
+        rows[:0] = [(frame,) for frame in found]
         if indexed > lowest and len(rows) < SEARCH_RESULTS:
             rows += db.execute(
                 "SELECT frame FROM messages WHERE id IN (SELECT rowid FROM messages_fts "

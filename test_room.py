@@ -733,7 +733,7 @@ def test_a_store_that_fails_works_again_once_it_can(tmp_path, monkeypatch):
     locker.execute("BEGIN EXCLUSIVE")
 
     def frames(*texts):
-        return b"".join(selchat.encode_frame(chat_payload(t, "bob")) for t in texts)
+        return [selchat.encode_frame(chat_payload(t, "bob")) for t in texts]
 
     def next_event(kind):
         deadline = time.monotonic() + TIMEOUT
@@ -755,9 +755,8 @@ def test_a_store_that_fails_works_again_once_it_can(tmp_path, monkeypatch):
     store.write(frames("stored again"))
     assert next_event("up") == 1  # one message was not stored meanwhile
     store.stop(TIMEOUT)
-    db = sqlite3.connect(path)
-    assert db.execute("SELECT text FROM messages").fetchall() == [("stored again",)]
-    db.close()
+    stored, _, _ = selchat.Store(path).open(10)
+    assert [selchat.unpack_stored(frame)[2] for frame in stored] == ["stored again"]
 
 
 # ---------------------------------------------------------------------------
@@ -781,8 +780,8 @@ def test_the_client_completes_the_new_commands():
 
 
 def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
-    """In-process: a search finds the same before the full-text index caught up
-    (the messages are scanned) as after (the index answers)."""
+    """In-process: a search finds the same while the turns are not split into
+    messages yet, once they are but not indexed (scanned), and once indexed."""
     store = selchat.Store(str(tmp_path / "room.db"))
     store.open(0)
     texts = [
@@ -796,16 +795,20 @@ def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
         *("the deploy number %d" % n for n in range(25)),
     ]
     blob = b"".join(selchat.encode_frame(chat_payload(text, "bob")) for text in texts)
-    store._commit([(time.time(), blob)], [])
+    half = selchat._frame_spans(blob)[len(texts) // 2][0]
+    store._commit([(time.time(), blob[:half]), (time.time(), blob[half:])], [])
     queries = ["deploy", "МИР", "世界", "crème", '"ship it"', "deploy number", "zzz", "de"]
     db = store._connect(1.0)
+    unsplit = {q: store._find(q, 0, db) for q in queries}
+    store._split()
+    assert not store._unsplit
     before = {q: store._find(q, 0, db) for q in queries}
     assert store.indexed == 0
     while store._unindexed:
         store._index()
     assert store.indexed == len(texts)
     after = {q: store._find(q, 0, db) for q in queries}
-    assert before == after
+    assert unsplit == before == after
     found = [selchat.unpack_stored(frame)[2] for frame in after["deploy"]]
     assert found == ["the deploy number %d" % n for n in range(5, 25)]  # the last 20
     assert [selchat.unpack_stored(f)[2] for f in after["世界"]] == ["你好世界"]
