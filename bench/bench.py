@@ -13,6 +13,12 @@ Servers (``--servers``):
             change), run exactly like selchat: same scenarios, same options
             (only those its ``server --help`` lists), cases interleaved with
             selchat's, so that both see the same machine
+  selchat-store
+            the same selchat.py as selchat, started with --store on a fresh
+            SQLite database for each case (in --store-dir, deleted afterwards
+            with its -wal and -shm files): what keeping the history on disk
+            costs, in the same run (target: within 10 % of selchat). The table
+            shows how many messages each case stored and the database's size
   selchat-nagle
             the same server run through bench/nagle.py, which leaves Nagle's
             algorithm on (selchat sets TCP_NODELAY): fan-out and latency only,
@@ -98,7 +104,8 @@ BENCH_PROFILE=DIR runs every load generator process under cProfile and saves
 the statistics in DIR (to check that the generator is not the bottleneck).
 BENCH_SERVER_PROFILE=DIR runs every selchat server (not selchat-nagle) under
 cProfile, one file per case in DIR (SERVER-PID-N.prof): cProfile slows the
-server a lot, so compare the profiles, not the figures of such a run.
+server a lot, so compare the profiles, not the figures of such a run. It sees
+the main thread only: not selchat-store's writer thread.
 
     python bench/bench.py                       # everything, ~12 minutes on 2 cores
     python bench/bench.py --quick               # smoke run, ~1 minute
@@ -107,6 +114,8 @@ server a lot, so compare the profiles, not the figures of such a run.
     python bench/bench.py --chart bench.png --json results.json
     python bench/bench.py --servers selchat,selchat-before --before OLD.py \
         --scenarios fanout,latency --rounds 3     # a change against the code before it
+    python bench/bench.py --servers selchat,selchat-store \
+        --scenarios fanout,latency --rounds 3     # what --store costs
 """
 
 import argparse
@@ -122,6 +131,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -1255,6 +1265,8 @@ class Server:
         self.port = None
         self.log = None
         self.exit_note = None
+        self.store_dir = None  # selchat-store: the directory of this start's database
+        self.store_note = None  # what the database held once the server stopped
 
     def command(self, max_clients):
         py = sys.executable
@@ -1293,6 +1305,10 @@ class Server:
                 cmd += ["--join-rate", "0"]  # every client joins from 127.0.0.1
             if "--max-address-memory" in extra:
                 cmd += ["--max-address-memory", "0"]  # the same: one address for all
+            if self.name == "selchat-store":
+                if "--store" not in extra:
+                    raise RuntimeError("%s has no --store option" % path)
+                cmd += ["--store", self.store_path()]
             return cmd + chosen
         if self.name == "asyncio":
             return [
@@ -1307,6 +1323,35 @@ class Server:
             ]
         self.port = free_port()
         return ["ncat", "--chat", "-l", HOST, str(self.port), "--max-conns", str(max_clients)]
+
+    def store_path(self):
+        """A fresh database for this start (selchat-store), in a directory of its own."""
+        self.remove_store()
+        self.store_dir = tempfile.mkdtemp(prefix="selchat-store-", dir=self.opts.store_dir)
+        return os.path.join(self.store_dir, "bench.db")
+
+    def remove_store(self):
+        """Note what the database held, then delete it with its -wal and -shm files."""
+        if self.store_dir is None:
+            return
+        path = os.path.join(self.store_dir, "bench.db")
+        try:
+            size = sum(
+                os.path.getsize(path + suffix)
+                for suffix in ("", "-wal", "-shm")
+                if os.path.exists(path + suffix)
+            )
+            if os.path.exists(path):
+                db = sqlite3.connect(path, timeout=5)
+                try:
+                    rows = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+                finally:
+                    db.close()
+                self.store_note = {"stored": rows, "db_bytes": size}
+        except Exception as exc:  # a figure lost, not the case
+            self.store_note = {"stored_error": "%s: %s" % (type(exc).__name__, exc)}
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+        self.store_dir = None
 
     def start(self, max_clients=15000):
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the server's life
@@ -1364,7 +1409,14 @@ class Server:
         return proc_cpu(self.proc.pid)
 
     def stop(self):
-        """SIGINT, wait, and note anything but a clean exit with status 0."""
+        """SIGINT, wait, and note anything but a clean exit with status 0; then
+        delete selchat-store's database."""
+        try:
+            return self._stop()
+        finally:
+            self.remove_store()
+
+    def _stop(self):
         if self.proc is None or self.proc.poll() is not None:
             rc = None if self.proc is None else self.proc.returncode
             self.exit_note = "exited early (status %s)" % rc
@@ -1390,7 +1442,7 @@ class Server:
 _SELCHAT_HELP = {}
 
 
-SELCHATS = ("selchat", "selchat-before", "selchat-nagle")
+SELCHATS = ("selchat", "selchat-before", "selchat-store", "selchat-nagle")
 _PROFILE_COUNT = iter(range(1, 1 << 30))
 
 
@@ -2007,6 +2059,18 @@ def build_rows(results, servers, sizes):
     def row(label, key, render):
         rows.append([label] + [cell(results[s], key, render) for s in servers])
 
+    def stored_row(key):  # selchat-store's database, once the server stopped
+        if any("stored" in results[s].get(key, {}) for s in servers):
+            row(
+                "  messages stored of sent / database MB",
+                key,
+                lambda r: (
+                    "{:,} of {:,} / {:.1f}".format(r["stored"], r["sent"], r["db_bytes"] / 1e6)
+                    if "stored" in r
+                    else ""
+                ),
+            )
+
     for ns, nr in sizes["fanout"]:
         key = "fanout_%dx%d" % (ns, nr)
         if not any(key in results[s] for s in servers):
@@ -2026,6 +2090,7 @@ def build_rows(results, servers, sizes):
         )
         row("  undelivered at cut-off", key, lambda r: "{:,}".format(r["undelivered"]))
         row("  messages sent (x receivers)", key, lambda r: "{:,}".format(r["sent"]))
+        stored_row(key)
         row(
             "  server CPU us/delivery",
             key,
@@ -2086,6 +2151,7 @@ def build_rows(results, servers, sizes):
                 key,
                 lambda r: "%d/%d/%d" % (r["lost"], r["dup"], r["bad"]),
             )
+            stored_row(key)
             row(
                 "  CPU %: server / generator / other",
                 key,
@@ -2171,6 +2237,7 @@ def build_rows(results, servers, sizes):
             lambda r: "%d/%d/%d/%d/%d" % (r["lost"], r["gaps"], r["dup"], r["reord"], r["bad"]),
         )
         row("  messages sent (x receivers)", key, lambda r: "{:,}".format(r["sent"]))
+        stored_row(key)
         row(
             "  CPU %: server / generator / other",
             key,
@@ -2359,6 +2426,46 @@ def target_lines(results, sizes):
                 lines.append(
                     "%s: p50/p99 %s/%s ms selchat, %s/%s ms selchat-before"
                     % (key, fmt_ms(a["p50"]), fmt_ms(a["p99"]), fmt_ms(b["p50"]), fmt_ms(b["p99"]))
+                )
+    store = results.get("selchat-store", {})
+    for key in ["fanout_%dx%d" % k for k in sizes["fanout"]]:
+        a, b = store.get(key), sel.get(key)
+        if a and b and "rate" in a and "rate" in b:
+            change = a["rate"] / b["rate"] - 1
+            lines.append(
+                "%s: selchat-store %s deliveries/s vs selchat %s (%+.1f%%; same run; "
+                "target: within 10%%): %s"
+                % (key, fmt_rate(a["rate"]), fmt_rate(b["rate"]), 100 * change, ok(change >= -0.1))
+            )
+            ca = median_of(a.get("cpu_runs", [cpu_per_delivery(a)]))
+            cb = median_of(b.get("cpu_runs", [cpu_per_delivery(b)]))
+            if ca == ca and cb == cb and cb:
+                lines.append(
+                    "%s: server CPU per delivery (median of rounds) selchat-store %.3f us, "
+                    "selchat %.3f us (%+.1f%%)" % (key, ca, cb, 100 * (ca / cb - 1))
+                )
+    for rate, _nr in sizes["latency"]:
+        for suffix in ("", "_stalled"):
+            key = "latency_%d%s" % (rate, suffix)
+            a, b = store.get(key), sel.get(key)
+            if a and b and "p99" in a and "p99" in b:
+                changes = [
+                    a[q] / b[q] - 1 if b[q] else (0.0 if a[q] == b[q] else float("inf"))
+                    for q in ("p50", "p99")
+                ]
+                lines.append(
+                    "%s: p50/p99 selchat-store %s/%s ms vs selchat %s/%s ms (%+.0f%%/%+.0f%%; "
+                    "same run; target: within 10%%): %s"
+                    % (
+                        key,
+                        fmt_ms(a["p50"]),
+                        fmt_ms(a["p99"]),
+                        fmt_ms(b["p50"]),
+                        fmt_ms(b["p99"]),
+                        100 * changes[0],
+                        100 * changes[1],
+                        ok(all(c <= 0.1 for c in changes)),
+                    )
                 )
     nagle = results.get("selchat-nagle", {})
     for key in ["fanout_%dx%d" % k for k in sizes["fanout"]]:
@@ -2559,6 +2666,13 @@ def main():
         "--before",
         metavar="FILE",
         help="the selchat.py that server selchat-before runs (e.g. the code before a change)",
+    )
+    parser.add_argument(
+        "--store-dir",
+        metavar="DIR",
+        default=None,
+        help="where server selchat-store's databases go, one fresh one per case, "
+        "deleted afterwards (default: the temporary directory, %s)" % tempfile.gettempdir(),
     )
     parser.add_argument(
         "--rounds",
@@ -2773,6 +2887,8 @@ def main():
                 r["stop"] = server.stop()
             except Exception:
                 pass
+        if server.store_note:
+            r.update(server.store_note)
         results[name][key] = r
         if r.get("stop"):
             exits.append("%s %s: %s" % (name, key, r["stop"]))
@@ -2799,6 +2915,8 @@ def main():
                 "leave_right",
                 "gaps",
                 "reason",
+                "stored",
+                "stored_error",
             )
         )
         note(
@@ -2911,7 +3029,8 @@ def main():
     if lines:
         print()
         print(
-            "targets (selchat against the asyncio reference, ncat or selchat-before, same run%s):"
+            "targets (selchat against the asyncio reference, ncat or selchat-before, "
+            "selchat-store against selchat, same run%s):"
             % ("; quick sizes, not the issue's" if opts.quick else "")
         )
         for line in lines:
