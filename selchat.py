@@ -3677,6 +3677,7 @@ class Store:
         # database that exists keeps its own page size).
         db.execute("PRAGMA page_size = 65536")
         db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA wal_autocheckpoint = 64")  # 4 MiB, as with SQLite's default pages
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(STORE_SCHEMA)
         try:
@@ -3927,7 +3928,11 @@ class Store:
             try:
                 if db is None:
                     db = self._connect(STORE_BUSY_TIMEOUT)
-                result = job(db)
+                db.execute("BEGIN")  # one snapshot: a turn split meanwhile is seen once
+                try:
+                    result = job(db)
+                finally:
+                    db.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 result = exc
                 db = None

@@ -134,7 +134,7 @@ def time_handoffs(store, blobs, count):
     for i in range(count):
         blob = blobs[i % len(blobs)]
         t0 = time.perf_counter()
-        store.write(blob)
+        store.write([blob])  # a turn's buffers, joined by write() itself
         times.append((time.perf_counter() - t0) * 1e3)
         if i % 64 == 63:
             with store._ready:
@@ -212,6 +212,7 @@ def main():
     print(header)
     print("-" * len(header))
     index_times = []
+    split_times = []
     for label, count, _size in batches:
         # 200 000 frames at most per configuration (the WAL is checkpointed
         # every ~4 MB, so checkpoints fall inside every timing).
@@ -234,6 +235,10 @@ def main():
                     )
                 )
                 if idle_index and synchronous == "NORMAL" and label == "1000 x 60 B":
+                    while getattr(store, "_unsplit", False):  # turns into messages
+                        t0 = time.perf_counter()
+                        store._split()
+                        split_times.append((time.perf_counter() - t0) * 1e3)
                     while store._unindexed:
                         t0 = time.perf_counter()
                         store._index()
@@ -265,6 +270,22 @@ def main():
         "of which Python in the writer (GIL held: frames split and decoded): %.1f us per frame"
         % python_us
     )
+    if split_times:
+        q = quantiles(split_times)
+        chunk = 1000 * getattr(selchat, "STORE_SPLIT_CHUNK", 0)
+        print()
+        print(
+            "Store._split (the writer, when idle), %d chunks of %d turns of 1000 60-byte "
+            "messages: p50 %.2f ms, p99 %.2f ms, max %.2f ms (%.1f us per message)"
+            % (
+                len(split_times),
+                chunk // 1000,
+                q["p50"],
+                q["p99"],
+                q["max"],
+                1e3 * q["p50"] / chunk,
+            )
+        )
     if index_times:
         q = quantiles(index_times)
         chunk = getattr(selchat, "STORE_INDEX_CHUNK", 0)
