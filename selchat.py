@@ -2319,7 +2319,7 @@ class ChatServer:
         self._reject(
             target,
             "You were kicked out by %s%s" % (by, why),
-            "kicked out by %s%s" % (by, why),
+            "kicked out by %s%s" % (by, sanitize(why)),  # the log is a terminal too
         )
 
     def _cmd_ban(self, conn: Connection, line: str) -> None:
@@ -2394,7 +2394,7 @@ class ChatServer:
                 ban.by,
                 ban.shown(),
                 ban.end_text(self._bans_last),
-                ": " + ban.reason if ban.reason else "",
+                ": " + sanitize(ban.reason) if ban.reason else "",
             )
         )
         notice = ban.notice(self._bans_last)
@@ -2489,7 +2489,10 @@ class ChatServer:
             if text
             else "%s cleared the topic" % conn.nick
         )
-        log("%s %s" % (conn.name, "set the topic: %s" % text if text else "cleared the topic"))
+        log(
+            "%s %s"
+            % (conn.name, "set the topic: %s" % sanitize(text) if text else "cleared the topic")
+        )
 
     def _set_topic(self, text: str, nick: str, at: float, shared: bool = True) -> None:
         self.topic = (text, nick, at) if text else None

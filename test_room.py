@@ -851,3 +851,16 @@ def test_the_store_is_readable_by_the_servers_user_alone(room_server, join, tmp_
     for name in os.listdir(str(tmp_path)):
         if name.startswith("room.db"):
             assert os.stat(str(tmp_path / name)).st_mode & 0o777 == 0o600, name
+
+
+def test_topics_and_reasons_reach_the_log_inert(room_server, join, connect):
+    server = room_server()
+    alice = join(server, "alice")
+    connect(server.port, "bob", source="127.0.0.2")
+    become_op(alice)
+    alice.send_frame("/topic \x1b[2Jcleared\x07")
+    wait_service(alice, "set the topic")
+    alice.send_frame("/kick bob \x1b]0;owned\x07")
+    wait_service(alice, "kicked out")
+    server.wait_for_log(r"bob .* disconnected: kicked out by alice")
+    assert "\x1b" not in server.log and "\x07" not in server.log
