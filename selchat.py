@@ -3388,14 +3388,15 @@ END;
 """
     % SEARCH_INDEXED
 )
-# While messages come, the writer stores each turn's frames as one row of
-# "turns", at most every STORE_COMMIT_INTERVAL (a row a message would cost the
-# loop's core more than relaying it to a hundred readers). Once it has had
-# nothing to write for STORE_INDEX_IDLE, it splits them into "messages",
-# STORE_SPLIT_CHUNK turns at a time, then indexes those.
+# While messages come, the writer stores the frames of the turns handed over
+# since its last commit as one row of "turns", at most every
+# STORE_COMMIT_INTERVAL: a row a message would cost the loop's core more than
+# relaying it to a hundred readers, and every row is a handover of the GIL.
+# Once it has had nothing to write for STORE_INDEX_IDLE, it splits them into
+# "messages", about STORE_SPLIT_CHUNK at a time, then indexes those.
 STORE_COMMIT_INTERVAL = 0.05
 STORE_INDEX_IDLE = 0.1
-STORE_SPLIT_CHUNK = 20
+STORE_SPLIT_CHUNK = 5000
 STORE_INDEX_CHUNK = 1000
 
 
@@ -3818,8 +3819,9 @@ class Store:
             db = self._db = self._connect(STORE_BUSY_TIMEOUT)
         self._prepare(db)
         db.execute("BEGIN IMMEDIATE")
-        if writes:
-            db.executemany("INSERT INTO turns (at, frames) VALUES (?, ?)", writes)
+        if writes:  # one row: each row costs the loop a handover of the GIL
+            frames = writes[0][1] if len(writes) == 1 else b"".join(blob for _, blob in writes)
+            db.execute("INSERT INTO turns (at, frames) VALUES (?, ?)", (writes[0][0], frames))
         for job in jobs:
             job(db)
         db.execute("COMMIT")
@@ -3829,28 +3831,29 @@ class Store:
             self._prune(db)
 
     def _split(self) -> None:
-        """Split the next STORE_SPLIT_CHUNK turns into messages."""
+        """Split the next turns, STORE_SPLIT_CHUNK messages or so, into messages."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
-        turns = db.execute(
-            "SELECT id, at, frames FROM turns ORDER BY id LIMIT ?", (STORE_SPLIT_CHUNK,)
-        ).fetchall()
-        rows = []
-        for _, at, blob in turns:
+        rows: list[tuple[float, str, str, str, bytes]] = []
+        last = None
+        for turn, at, blob in db.execute("SELECT id, at, frames FROM turns ORDER BY id"):
             blob = bytes(blob)
             for start, stop in _frame_spans(blob):
                 frame = blob[start:stop]
                 parts = unpack_stored(frame)
                 if parts is not None:
                     rows.append((at, parts[0], parts[1], parts[2], frame))
+            last = turn
+            if len(rows) >= STORE_SPLIT_CHUNK:
+                break
         if rows:
             db.executemany(
                 "INSERT INTO messages (at, stamp, nick, text, frame) VALUES (?, ?, ?, ?, ?)", rows
             )
-        if turns:
-            db.execute("DELETE FROM turns WHERE id <= ?", (turns[-1][0],))
+        if last is not None:
+            db.execute("DELETE FROM turns WHERE id <= ?", (last,))
         db.execute("COMMIT")
-        self._unsplit = len(turns) == STORE_SPLIT_CHUNK
+        self._unsplit = db.execute("SELECT EXISTS (SELECT 1 FROM turns)").fetchone()[0] == 1
         if rows and self.fts:
             self._unindexed = True
 

@@ -272,14 +272,14 @@ def main():
     )
     if split_times:
         q = quantiles(split_times)
-        chunk = 1000 * getattr(selchat, "STORE_SPLIT_CHUNK", 0)
+        chunk = getattr(selchat, "STORE_SPLIT_CHUNK", 1)
         print()
         print(
-            "Store._split (the writer, when idle), %d chunks of %d turns of 1000 60-byte "
-            "messages: p50 %.2f ms, p99 %.2f ms, max %.2f ms (%.1f us per message)"
+            "Store._split (the writer, when idle), %d chunks of %d 60-byte messages: "
+            "p50 %.2f ms, p99 %.2f ms, max %.2f ms (%.1f us per message)"
             % (
                 len(split_times),
-                chunk // 1000,
+                chunk,
                 q["p50"],
                 q["p99"],
                 q["max"],
