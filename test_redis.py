@@ -601,11 +601,9 @@ def test_kicks_and_bans_reach_the_server_that_has_the_user(redis_url, start_serv
     wait_service(alice, r"^trudy joined")
     alice.send_frame("/op " + OPS)
     wait_service(alice, r"^You are an operator now")
-    # /who on the other server marks the operator.
-    trudy.send_frame("/who")
-    listing = wait_service(trudy, r"online: ")[0]
-    assert re.search(r"alice \(operator, on [^,]+, joined ", listing), listing
-    assert re.search(r"mallory \(on [^,]+, joined ", listing), listing
+    # /who on the other server marks the operator, once the word has crossed Redis.
+    listing = until(lambda: re.search(r"alice \(operator, on [^,]+, joined ", who(trudy)))
+    assert re.search(r"mallory \(on [^,]+, joined ", listing.string), listing.string
 
     alice.send_frame("/kick trudy off topic")
     assert trudy.recv_until_closed()[-1] == "You were kicked out by alice: off topic"
