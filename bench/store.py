@@ -127,6 +127,33 @@ def time_commits(store, blobs, commits):
     return times
 
 
+def time_searches(selchat, store, words):
+    """Milliseconds of Store._find for a few kinds of query, once everything is indexed."""
+    db = store._connect(5.0)
+    common = words[0]
+    queries = [
+        (common, "a common word: the index"),
+        ("%s %s" % (common, words[1]), "two words: the index"),
+        ("zqzq", "a word nobody wrote: the index"),
+        (common[:2], "two letters: a scan, SQLite's lower()"),
+        ("qx", "two letters nobody wrote: all scanned"),
+        ("мир", "Cyrillic nobody wrote: the index"),
+        ("世界", "two CJK characters: a scan, casefold()"),
+    ]
+    results = []
+    try:
+        for query, how in queries:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                store._find(query, 0, db)
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+            results.append((query, how, best))
+    finally:
+        db.close()
+    return results
+
+
 def time_handoffs(store, blobs, count):
     """Milliseconds of Store.write (what the loop pays with the writer thread),
     no thread started: the list is emptied as the writer would empty it."""
@@ -212,6 +239,7 @@ def main():
     print(header)
     print("-" * len(header))
     index_times = []
+    search_times = []
     split_times = []
     for label, count, _size in batches:
         # 200 000 frames at most per configuration (the WAL is checkpointed
@@ -243,6 +271,7 @@ def main():
                         t0 = time.perf_counter()
                         store._index()
                         index_times.append((time.perf_counter() - t0) * 1e3)
+                    search_times = time_searches(selchat, store, vocab[0])
             finally:
                 close_store(store, workdir)
         store, workdir, _ = fresh_store(selchat, directory, "NORMAL", True)
@@ -295,6 +324,11 @@ def main():
             "p50 %.2f ms, p99 %.2f ms, max %.2f ms (%.1f us per message)"
             % (len(index_times), chunk, q["p50"], q["p99"], q["max"], 1e3 * q["p50"] / chunk)
         )
+    if search_times:
+        print()
+        print("/search in those messages (the search thread's time, best of 3):")
+        for query, how, ms in search_times:
+            print("  %-24s %-44s %8.1f ms" % (query, how, ms))
     print()
     print(
         "A transaction per turn on the loop would hold the loop for the commit's time "
