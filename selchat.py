@@ -782,7 +782,7 @@ class Account(Budget):
     full again, no lockout running), so reconnecting refills nothing.
     """
 
-    __slots__ = ("bytes", "conns", "host", "joins", "messages", "ops", "password")
+    __slots__ = ("bytes", "conns", "host", "joins", "messages", "ops", "password", "searches")
 
     def __init__(self, host: str, limit: int, config: ServerConfig, now: float) -> None:
         super().__init__(limit)
@@ -793,10 +793,12 @@ class Account(Budget):
         self.joins = TokenBucket(config.join_rate, config.join_burst, now)
         self.password = Lockout()  # wrong server passwords
         self.ops = Lockout()  # wrong /op passwords
+        self.searches = 0  # /search of its users running or waiting
 
     def forgettable(self, now: float) -> bool:
         return (
             not self.conns
+            and not self.searches
             # wrong passwords are remembered long enough for the lockout to grow
             and self.password.forgettable(now)
             and self.ops.forgettable(now)
@@ -2333,6 +2335,13 @@ class ChatServer:
             )
             return
         seconds = parse_duration(parts[2]) if len(parts) > 2 else None
+        if seconds is None and len(parts) > 2 and parts[2][:1].isdigit():
+            self._tell(
+                conn,
+                "Not banned: %s is no duration; DURATION is like 90s, 30m, 2h, 7d or 1w "
+                "(at most 100 years)" % sanitize(parts[2][:20]),
+            )
+            return
         reason = " ".join(parts[3 if seconds is not None else 2 :]).strip()
         if len(reason) > MAX_TOPIC:
             self._tell(conn, "Not banned: a reason has at most %d characters" % MAX_TOPIC)
@@ -2519,6 +2528,13 @@ class ChatServer:
         if conn.searching:
             self._tell(conn, "Not searched: your last search is still running")
             return
+        if conn.account.searches >= SEARCHES_PER_ADDRESS:  # a second connection is no way round
+            self._tell(
+                conn,
+                "Not searched: %d searches from your address are running; try again in a moment"
+                % SEARCHES_PER_ADDRESS,
+            )
+            return
         if not self._charge_command(conn, SEARCH_COST - 1):
             return
         if self._to_store:  # what it has seen, this turn too
@@ -2529,12 +2545,20 @@ class ChatServer:
             self._tell(conn, "Not searched: the server is busy searching; try again in a moment")
             return
         conn.searching = True
+        conn.account.searches += 1
 
     def _found(self, conn: Connection, query: str, result: Any) -> None:
         conn.searching = False
+        conn.account.searches -= 1
         if conn.state != CHATTING:
             return
         shown = _quoted(query)
+        if isinstance(result, SearchTooSlow):
+            self._tell(
+                conn,
+                "Not searched: that search takes too long; try fewer words, or longer ones",
+            )
+            return
         if isinstance(result, BaseException):
             self._tell(conn, "Not searched: the history cannot be read now (%s)" % result)
             return
@@ -3331,6 +3355,9 @@ SEARCH_INDEXED = 4000
 SEARCH_SCAN = 200_000
 MAX_TOPIC = 400  # characters of a topic, or of the reason for a kick or a ban
 MAX_SEARCH = 400  # characters of a /search that are looked for
+SEARCH_TERMS = 8  # words (or phrases) of a /search that are looked for
+SEARCH_TIME = 1.0  # seconds of the search thread one search may take
+SEARCHES_PER_ADDRESS = 2  # searches of one address running or waiting at once
 SEARCH_END = "--- end of search results ---"
 OP_COST = 10  # /op, /kick, /ban are told to many, or checked like passwords
 # Messages waiting to be written; past it a turn's messages are not stored (and logged).
@@ -3395,6 +3422,7 @@ END;
 # Once it has had nothing to write for STORE_INDEX_IDLE, it splits them into
 # "messages", about STORE_SPLIT_CHUNK at a time, then indexes those.
 STORE_COMMIT_INTERVAL = 0.05
+STORE_TIDY_EVERY = 1.0  # and in a room that is never quiet, a chunk of each this often
 STORE_INDEX_IDLE = 0.1
 STORE_SPLIT_CHUNK = 5000
 STORE_INDEX_CHUNK = 1000
@@ -3402,6 +3430,10 @@ STORE_INDEX_CHUNK = 1000
 
 class StoreError(Exception):
     """The store cannot be opened at all (a path that cannot be)."""
+
+
+class SearchTooSlow(Exception):
+    """A search that took more than SEARCH_TIME."""
 
 
 class Ban:
@@ -3525,13 +3557,18 @@ def host_network(host: str) -> Any:
 
 
 def search_terms(query: str) -> list[str]:
-    """The words and "quoted phrases" of a /search, casefolded, empty ones left out."""
-    terms = []
+    """The words and "quoted phrases" of a /search, in lower case, each once, at
+    most SEARCH_TERMS of them (each costs a pass over every message scanned).
+
+    Lower case, not casefold(): the full-text index folds case one letter at a
+    time as lower() does (so "ß" and "ss" differ), and every way a search
+    goes must find the same messages."""
+    terms: list[str] = []
     for phrase, word in re.findall(r'"([^"]*)"?|([^\s"]+)', query):
-        term = (phrase or word).strip().casefold()
-        if term:
+        term = (phrase or word).strip().lower()
+        if term and term not in terms:
             terms.append(term)
-    return terms
+    return terms[:SEARCH_TERMS]
 
 
 def _fts_phrase(term: str) -> str:
@@ -3594,6 +3631,7 @@ class Store:
         self._unindexed = False  # messages past it (the writer indexes them when idle)
         self._unsplit = False  # turns not split into messages yet (the same)
         self._pause = threading.Event()  # set when stopping: no more waiting between commits
+        self._tidied = 0.0  # when the writer last split or indexed
         self._failing = False
         self._retry_at = 0.0
         self._next_prune = 0.0
@@ -3788,6 +3826,7 @@ class Store:
             elif writes or jobs or index:
                 try:
                     if index and not writes and not jobs:
+                        self._tidied = time.monotonic()
                         self._split() if self._unsplit else self._index()
                     else:
                         self._commit(writes, jobs)
@@ -3811,9 +3850,13 @@ class Store:
                 self._close()
                 return
             if writes:  # what comes meanwhile is written together
+                if time.monotonic() - self._tidied >= STORE_TIDY_EVERY:
+                    self._tidy()  # a room that is never quiet gets its share too
                 self._pause.wait(STORE_COMMIT_INTERVAL)
 
     def _commit(self, writes: list[tuple[float, bytes]], jobs: list[Callable[[Any], None]]) -> None:
+        import sqlite3
+
         db = self._db
         if db is None:
             db = self._db = self._connect(STORE_BUSY_TIMEOUT)
@@ -3828,7 +3871,23 @@ class Store:
         if writes:
             self._unsplit = True
         if time.monotonic() >= self._next_prune:
-            self._prune(db)
+            try:
+                self._prune(db)
+            except sqlite3.Error:  # tried again in an hour; what was written stays written
+                self._rollback()
+
+    def _tidy(self) -> None:
+        """One chunk of splitting and one of indexing, between commits."""
+        import sqlite3
+
+        self._tidied = time.monotonic()
+        try:
+            if self._unsplit:
+                self._split()
+            if self._unindexed:
+                self._index()
+        except sqlite3.Error:  # the next commit says what is wrong, if anything is
+            self._rollback()
 
     def _split(self) -> None:
         """Split the next turns, STORE_SPLIT_CHUNK messages or so, into messages."""
@@ -3857,16 +3916,22 @@ class Store:
         if rows and self.fts:
             self._unindexed = True
 
-    @staticmethod
-    def _unsplit_frames(db: Any, limit: int) -> list[bytes]:
-        """The last ``limit`` frames of the turns not split yet, in order."""
-        frames: list[bytes] = []
-        for (blob,) in db.execute("SELECT frames FROM turns ORDER BY id DESC"):
+    def _unsplit_frames(self, db: Any, limit: int) -> list[bytes]:
+        """The last ``limit`` frames within --keep of the turns not split yet
+        (STORE_MAX_BACKLOG bytes of them at most), in order."""
+        if not limit:
+            return []
+        newest: list[bytes] = []
+        size = 0
+        for (blob,) in db.execute(
+            "SELECT frames FROM turns WHERE at >= ? ORDER BY id DESC", (self._oldest(),)
+        ):
             blob = bytes(blob)
-            frames[:0] = [blob[start:stop] for start, stop in _frame_spans(blob)]
-            if len(frames) >= limit:
+            newest.extend(blob[start:stop] for start, stop in reversed(_frame_spans(blob)))
+            size += len(blob)
+            if len(newest) >= limit or size >= STORE_MAX_BACKLOG:
                 break
-        return frames[-limit:] if limit else []
+        return newest[:limit][::-1]
 
     def _note_indexed(self, db: Any) -> None:
         row = db.execute("SELECT value FROM meta WHERE key = 'indexed'").fetchone()
@@ -3938,10 +4003,14 @@ class Store:
                 try:
                     result = job(db)
                 finally:
+                    db.set_progress_handler(None, 0)
                     db.execute("ROLLBACK")
-            except sqlite3.Error as exc:
+            except SearchTooSlow as exc:
                 result = exc
-                db = None
+            except sqlite3.Error as exc:
+                result = SearchTooSlow() if "interrupt" in str(exc) else exc
+                if not isinstance(result, SearchTooSlow):
+                    db = None
             self._post("done", (done, result))
         if db is not None:
             db.close()
@@ -3957,12 +4026,16 @@ class Store:
         with self._written:
             self._written.wait_for(lambda: self._done >= after, STORE_BUSY_TIMEOUT)
         terms = search_terms(query)
+        deadline = time.monotonic() + SEARCH_TIME
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10000)
         # The newest are in the turns not split yet: looked through here.
         found: list[bytes] = []
-        for frame in reversed(self._unsplit_frames(db, SEARCH_SCAN)):
+        for number, frame in enumerate(reversed(self._unsplit_frames(db, SEARCH_SCAN))):
+            if number % 1000 == 999 and time.monotonic() > deadline:
+                raise SearchTooSlow()
             parts = unpack_stored(frame)
             if parts is not None:
-                text = parts[2][:SEARCH_INDEXED].casefold()
+                text = parts[2][:SEARCH_INDEXED].lower()
                 if all(term in text for term in terms):
                     found.append(frame)
                     if len(found) == SEARCH_RESULTS:
@@ -3975,9 +4048,12 @@ class Store:
             return found[::-1]
         last = db.execute("SELECT max(id) FROM messages").fetchone()[0]
         lowest = first[0] - 1
-        indexed = self.indexed if self.fts and min(map(len, terms)) >= 3 else lowest
+        indexed = lowest
+        if self.fts and min(map(len, terms)) >= 3:  # as far as this snapshot's index goes
+            row = db.execute("SELECT value FROM meta WHERE key = 'indexed'").fetchone()
+            indexed = max(int(row[0]), lowest) if row else lowest
         # ASCII words are matched by SQLite's lower() (no Python in the loop
-        # over rows); others by casefold().
+        # over rows); others by Python's lower().
         match = " AND ".join(
             "instr(%s(substr(text, 1, %d)), ?) > 0"
             % ("lower" if term.isascii() else "fold", SEARCH_INDEXED)
@@ -4028,7 +4104,7 @@ class Store:
 
 
 def _fold(text: Any) -> str:
-    return text.casefold() if isinstance(text, str) else ""
+    return text.lower() if isinstance(text, str) else ""
 
 
 def _frame_spans(data: bytes) -> list[tuple[int, int]]:
@@ -4198,6 +4274,7 @@ class RedisLink:
             if len(fields) == 3:
                 self.topic = (fields[0], fields[1], _float(fields[2]))
         now = time.time()
+        ended = []
         for key, value in (client.hgetall(self.bans_key) or {}).items():
             network = parse_network(key.decode("utf-8", "replace"))
             fields = value.decode("utf-8", "replace").split("\0")
@@ -4208,6 +4285,10 @@ class RedisLink:
                 self.bans.append(
                     Ban(network, until, fields[2], fields[3], fields[1], _float(fields[4]))
                 )
+            else:
+                ended.append(key)
+        if ended:  # the hash does not keep what is over
+            client.hdel(self.bans_key, *ended)
 
     def start(self) -> None:
         for target, name in ((self._read, "redis-reader"), (self._write, "redis-writer")):
@@ -4522,7 +4603,7 @@ class SharedChatServer(ChatServer):
         self._remote_ops: dict[str, str] = {}  # operators on other servers: key -> instance
         for frame in history[-self.history_size :] if self.history_size else ():
             self.history.remember((Held(frame),))
-        self.restore([], link.topic, link.bans)
+        ChatServer.restore(self, [], link.topic, link.bans)
 
     def listen(self) -> tuple[str, int]:
         host, port = super().listen()
@@ -4681,6 +4762,18 @@ class SharedChatServer(ChatServer):
                 self._to_store.append(memoryview(data)[start:])
 
     # -- running the room across servers ------------------------------------
+
+    def restore(
+        self, frames: list[bytes], topic: tuple[str, str, float] | None, bans: list[Ban]
+    ) -> None:
+        """The room's topic and bans are Redis's (read by RedisLink.connect): a
+        store keeps this server's copy, which may be stale (a topic cleared, a
+        ban lifted while it was stopped). Its history serves when Redis has none."""
+        super().restore(frames, None, [])
+
+    @property
+    def _bans_last(self) -> bool:
+        return True  # Redis keeps them for the servers that start later
 
     def _control(self, verb: str, *args: str) -> None:
         frame = encode_frame("\0".join((verb, *args)).encode("utf-8"))

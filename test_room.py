@@ -789,6 +789,7 @@ def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
         "Привет, мир",
         "你好世界",
         "café crème",
+        "Straße gesperrt",
         'said "ship it now"',
         "DEPLOY again",
         *("filler %d" % n for n in range(30)),
@@ -797,7 +798,18 @@ def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
     blob = b"".join(selchat.encode_frame(chat_payload(text, "bob")) for text in texts)
     half = selchat._frame_spans(blob)[len(texts) // 2][0]
     store._commit([(time.time(), blob[:half]), (time.time(), blob[half:])], [])
-    queries = ["deploy", "МИР", "世界", "crème", '"ship it"', "deploy number", "zzz", "de"]
+    queries = [
+        "deploy",
+        "МИР",
+        "世界",
+        "crème",
+        '"ship it"',
+        "deploy number",
+        "zzz",
+        "de",
+        "STRAßE",
+        "strasse",
+    ]
     db = store._connect(1.0)
     unsplit = {q: store._find(q, 0, db) for q in queries}
     store._split()
@@ -813,6 +825,44 @@ def test_the_index_and_the_scan_find_the_same_messages(tmp_path):
     assert found == ["the deploy number %d" % n for n in range(5, 25)]  # the last 20
     assert [selchat.unpack_stored(f)[2] for f in after["世界"]] == ["你好世界"]
     assert after["zzz"] == []
+    assert [selchat.unpack_stored(f)[2] for f in after["STRAßE"]] == ["Straße gesperrt"]
+    assert after["strasse"] == []  # one letter at a time, as the index folds case
+    db.close()
+    store._close()
+
+
+def test_a_room_that_is_never_quiet_still_gets_split_and_indexed(tmp_path, monkeypatch):
+    monkeypatch.setattr(selchat, "STORE_TIDY_EVERY", 0.1)
+    monkeypatch.setattr(selchat, "STORE_INDEX_IDLE", 60.0)  # never quiet enough
+    store = selchat.Store(str(tmp_path / "room.db"))
+    store.open(0)
+    store.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        number = 0
+        while not store.indexed:
+            store.write([selchat.encode_frame(chat_payload("steady %d" % number, "bob"))])
+            number += 1
+            time.sleep(0.02)
+            assert time.monotonic() < deadline, "never split and indexed"
+    finally:
+        store.stop(TIMEOUT)
+
+
+def test_a_search_that_takes_too_long_is_stopped(tmp_path, monkeypatch):
+    store = selchat.Store(str(tmp_path / "room.db"))
+    store.open(0)
+    texts = ["message %d about nothing in particular" % n for n in range(20000)]
+    store._commit(
+        [(time.time(), b"".join(selchat.encode_frame(chat_payload(t, "bob")) for t in texts))], []
+    )
+    store._split()
+    while store._unsplit:
+        store._split()
+    monkeypatch.setattr(selchat, "SEARCH_TIME", 0.0)
+    db = store._connect(1.0)
+    with pytest.raises(sqlite3.OperationalError, match="interrupt"):
+        store._find("世界", 0, db)
     db.close()
     store._close()
 
@@ -833,7 +883,8 @@ def test_searches_are_bounded_for_the_whole_server(room_server, connect):
     MAX_SEARCHES waiting, SEARCH_BURST at once and SEARCH_RATE a second: the
     rest are told it is busy."""
     server = room_server(store=True)
-    users = [connect(server.port, "user%d" % n) for n in range(30)]
+    # 30 addresses: one address may run only SEARCHES_PER_ADDRESS at once.
+    users = [connect(server.port, "user%d" % n, source="127.0.1.%d" % n) for n in range(1, 31)]
     for user in users:
         user.send_frame("/search something")
     answers = [wait_service(user, r"^(No messages|Not searched)")[0] for user in users]
@@ -864,3 +915,28 @@ def test_topics_and_reasons_reach_the_log_inert(room_server, join, connect):
     wait_service(alice, "kicked out")
     server.wait_for_log(r"bob .* disconnected: kicked out by alice")
     assert "\x1b" not in server.log and "\x07" not in server.log
+
+
+def test_one_address_runs_two_searches_at_once_whatever_its_connections(room_server, connect):
+    server = room_server(store=True)
+    users = [connect(server.port, "user%d" % n) for n in range(10)]
+    for user in users:
+        user.send_frame("/search something")
+    answers = [wait_service(user, r"^(No messages|Not searched)")[0] for user in users]
+    refused = "Not searched: 2 searches from your address are running; try again in a moment"
+    assert refused in answers, answers
+    assert set(answers) <= {refused, 'No messages match "something"'}, answers
+
+
+def test_a_search_has_few_words_and_a_mistyped_duration_bans_nobody(room_server, join):
+    assert selchat.search_terms("a a b B c d e f g h i j") == list("abcdefgh")
+    assert selchat.search_terms('STRASSE "Two Words"') == ["strasse", "two words"]
+    server = room_server()
+    alice = join(server, "alice")
+    join(server, "bob")
+    become_op(alice)
+    assert ask(alice, "/ban bob 30min spam") == (
+        "Not banned: 30min is no duration; DURATION is like 90s, 30m, 2h, 7d or 1w "
+        "(at most 100 years)"
+    )
+    assert "bob (joined" in ask(alice, "/who")
