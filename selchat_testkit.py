@@ -253,6 +253,29 @@ class Peer:
             pass
 
 
+def wait_service(user, pattern, timeout=TIMEOUT):
+    """Read until a service message matching pattern; return it and the frames before it."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    before = []
+    while True:
+        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
+        if b"\0" not in payload and regex.search(payload.decode("utf-8")):
+            return payload.decode("utf-8"), before
+        before.append(payload)
+
+
+def first_answer(port, nick, source):
+    """What a new connection from source that sends nick is told first (a
+    welcome, or why it is refused); the connection is closed after it."""
+    peer = Peer(port, source=source)
+    try:
+        peer.send_frame(nick)
+        return peer.recv_service()
+    finally:
+        peer.close()
+
+
 class User:
     """A registered peer and its nickname."""
 

@@ -27,10 +27,12 @@ from selchat_testkit import (
     Peer,
     PeerClosed,
     chat_payload,
+    first_answer,
     frame,
     free_port,
     history_begin,
     run_server_briefly,
+    wait_service,
 )
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -147,18 +149,6 @@ def start_server(start_server, room):
 def next_chat(user, timeout=TIMEOUT):
     """The next chat message for user, skipping service messages (notices)."""
     return user.recv_chat_skipping_notices(timeout)
-
-
-def wait_service(user, pattern, timeout=TIMEOUT):
-    """Read until a service message matching pattern; return it and what came before."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    before = []
-    while True:
-        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
-        if b"\0" not in payload and regex.search(payload.decode("utf-8")):
-            return payload.decode("utf-8"), before
-        before.append(payload)
 
 
 def until(check, timeout=TIMEOUT, interval=0.05):
@@ -629,10 +619,7 @@ def test_kicks_and_bans_reach_the_server_that_has_the_user(redis_url, start_serv
     assert wait_service(alice, r"^Unbanned")[0] == "Unbanned 127.0.0.2"
     deadline = time.monotonic() + TIMEOUT
     while True:  # the unban reaches the other server through Redis
-        peer = Peer(second.port, source="127.0.0.2")
-        peer.send_frame("mallory")
-        first_frame = peer.recv_service()
-        peer.close()
+        first_frame = first_answer(second.port, "mallory", "127.0.0.2")
         if first_frame.startswith("Welcome"):
             break
         assert time.monotonic() < deadline, first_frame

@@ -24,23 +24,13 @@ from selchat_testkit import (
     User,
     chat_payload,
     clean_env,
+    first_answer,
     run_server_briefly,
+    wait_service,
 )
 
 OPS = "open sesame"
 HISTORY_END = selchat.HISTORY_END
-
-
-def wait_service(user, pattern, timeout=TIMEOUT):
-    """Read until a service message matching pattern; return it and the frames before it."""
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    before = []
-    while True:
-        payload = user.recv_frame(max(deadline - time.monotonic(), 0.01))
-        if b"\0" not in payload and regex.search(payload.decode("utf-8")):
-            return payload.decode("utf-8"), before
-        before.append(payload)
 
 
 ROOM_NOTICE = re.compile(r" (joined|left) the chat \(\d+ online\)$")
@@ -323,10 +313,7 @@ def test_a_ban_with_a_duration_ends_by_itself(room_server, join, connect):
     assert refused_at_connect(server.port, "127.0.0.5")[0].startswith("You are banned")
     deadline = time.monotonic() + TIMEOUT
     while True:
-        peer = Peer(server.port, source="127.0.0.5")
-        peer.send_frame("eve")
-        first = peer.recv_service()
-        peer.close()
+        first = first_answer(server.port, "eve", "127.0.0.5")
         if first.startswith("Welcome to selchat, eve!"):
             break
         assert first.startswith("You are banned"), first
